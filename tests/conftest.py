@@ -1,0 +1,22 @@
+"Shared pytest fixtures: the real processor files and M3CoT questions in ../shared/fixtures (never copied into the project)."
+import os
+from pathlib import Path
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+FIXTURES = Path(os.environ.get('STL_FIXTURES', REPO.parent/'shared'/'fixtures'))
+
+def fixture_dir(name):
+    "Path of one fixture folder, or skip the test with the reason when it is absent."
+    p = FIXTURES/name
+    if not p.exists(): pytest.skip(f"fixture folder {p} is absent (set STL_FIXTURES to the shared/fixtures folder)")
+    return p
+
+@pytest.fixture
+def llava_dir(): return fixture_dir('llava-1.5-7b-hf')
+
+@pytest.fixture
+def qwen_dir(): return fixture_dir('qwen2.5-vl-7b-instruct')
+
+@pytest.fixture
+def m3cot_dir(): return fixture_dir('m3cot-sample')
