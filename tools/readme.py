@@ -42,7 +42,10 @@ def render(nb_path=ROOT/'nbs'/'index.ipynb'):
             for o in _outputs(cell):
                 if isinstance(o, tuple): parts.append(o[1].strip())
                 elif o.strip(): parts.append(f"```\n{o.rstrip()}\n```")
-    return HEADER + '\n\n'.join(p for p in parts if p) + '\n'
+    text = '\n\n'.join(p for p in parts if p)
+    # links are relative to nbs/ in the notebooks (and the docs site); README.md sits one folder up
+    text = re.sub(r'\]\((?!https?:|#|/)([^)]+)\)', lambda m: f'](nbs/{m.group(1)})', text)
+    return HEADER + text + '\n'
 
 def main(argv):
     text, readme = render(), ROOT/'README.md'
