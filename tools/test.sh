@@ -20,7 +20,8 @@ fi
 
 echo "== 2. nbdev_test (cells flagged slow, cuda or notest are skipped)"
 log=$(mktemp)
-nbdev_test --do_print --timing ${NBDEV_TEST_ARGS:-} 2>&1 | tee "$log"
+# nbdev_test runs one notebook per core; one torch thread each keeps them from fighting over the cores
+OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} nbdev_test --do_print --timing ${NBDEV_TEST_ARGS:-} 2>&1 | tee "$log"
 nb_rc=${PIPESTATUS[0]}
 n_all=$(grep -c '^Starting ' "$log" || true)
 n_failed=$(sed -n '/Failed On The Following Notebooks/,$p' "$log" | grep -cE '^\s+\S+\.ipynb' || true)
