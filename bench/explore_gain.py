@@ -1,0 +1,166 @@
+#!/usr/bin/env python
+"""Which embedded base model and loop settings let STL gain? A search on a validation draw of the world (chapter 11, section 3).
+
+Ran once on an H200 (`python bench/explore_gain.py explore --out DIR`; results in bench/results/explore-h200.json).
+
+  explore  build base variants (GPU), run STL on a validation draw (data_seed 2) for each base and loop variant, in parallel
+  compare  copy the chosen base into the package, run every method x seed on the standard draw (data_seed 1), write the table
+  build / run   one job (used by the two above, one subprocess each)
+
+Everything runs in float32 (as on the CPU) so the figures transfer to the CPU default.
+"""
+import argparse, json, os, shutil, subprocess, sys, time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+BASES = {  # variants of EmbeddedConfig (B0 is the shipped model)
+    'B1': dict(n_caption=6000, n_direct=3000, steps=3000),
+    'B2': dict(n_caption=6000, n_seed=1200, seed_repeat=2, n_direct=600, steps=3000),
+}
+LOOPS = {  # variants of embedded_config, all with about the CPU cost of the default
+    'L0': {},
+    'L1': dict(train=dict(epochs=2.0)),
+    'L2': dict(train=dict(lr=3e-4, epochs=2.0)),
+    'L3': dict(train=dict(init='last')),
+    'L4': dict(method='stl-no-negatives'),
+}
+
+def fp32():
+    "Float32 everywhere and one thread per process, as the CPU default runs."
+    import torch, stl_nb.models as M, stl_nb.train as T
+    torch.set_num_threads(1)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    orig = M._placement
+    M._placement = lambda device_map=None, dtype=None: orig(device_map, torch.float32 if dtype is None else dtype)
+    T._precision = lambda: {}
+
+def job_build(name, out):
+    fp32()
+    import torch
+    import stl_nb.embedded as E
+    from stl_nb.models import VLM
+    orig_model, orig_encode = E.build_model, VLM.encode
+    dev = 'cuda' if torch.cuda.is_available() else 'cpu'
+    E.build_model = lambda cfg, tok: orig_model(cfg, tok).to(dev)
+    VLM.encode = lambda self, *a, **k: orig_encode(self, *a, **k).to(dev)
+    cfg = E.EmbeddedConfig(**BASES[name]) if not os.environ.get('EXP_TINY') else E.EmbeddedConfig(n_caption=64, n_seed=16, n_negative=8, n_direct=8, steps=5)
+    t = time.time()
+    E.build_embedded(cfg, out=out, progress=False)
+    info = json.loads((Path(out)/'build.json').read_text()); info['device'] = dev
+    if dev == 'cuda': info['gpu'] = torch.cuda.get_device_name(0)
+    (Path(out)/'build.json').write_text(json.dumps(info))
+    print(f'built {name} in {time.time() - t:.0f} s', flush=True)
+
+def make_cfg(model, loop, data_seed, out, seed=0, method=None, rounds=3):
+    from dataclasses import replace
+    from stl_nb.loop import embedded_config
+    kw = dict(LOOPS[loop]); tr = kw.pop('train', {})
+    cfg = embedded_config(model=model, data_seed=data_seed, seed=seed, out=out, rounds=rounds, **kw)
+    if tr: cfg = replace(cfg, train=replace(cfg.train, **tr))
+    if method: cfg = replace(cfg, method=method)
+    if os.environ.get('EXP_TINY'): cfg = replace(cfg, limit=12, test_limit=8, rounds=1)
+    return cfg
+
+def job_run(spec):
+    fp32()
+    from stl_nb.loop import run_stl, STLConfig
+    cfg = STLConfig.from_dict(json.loads(spec))
+    t = time.time()
+    m = run_stl(cfg, progress=False)
+    print(f"{cfg.out}: " + ' '.join(f"{100*r['accuracy']:.1f}" for r in m['rounds']) + f" ({time.time() - t:.0f} s)", flush=True)
+
+def spawn(args, log):
+    env = {**os.environ, 'OMP_NUM_THREADS': '1', 'PYTHONPATH': os.pathsep.join([str(ROOT)] + ([os.environ['PYTHONPATH']] if os.environ.get('PYTHONPATH') else [])), 'TOKENIZERS_PARALLELISM': 'false'}
+    return subprocess.Popen([sys.executable, __file__, *args], stdout=open(log, 'w'), stderr=subprocess.STDOUT, env=env)
+
+def pool(jobs, deadline, max_par=16):
+    "jobs: list of (key, args, log, after_key or None). Runs them with dependencies until done or the deadline."
+    pending, running, done, failed = list(jobs), {}, set(), set()
+    while (pending or running) and time.time() < deadline:
+        for k, p in list(running.items()):
+            if p.poll() is not None:
+                (done if p.returncode == 0 else failed).add(k); del running[k]
+                print(f'[{time.strftime("%H:%M:%S")}] {k}: {"done" if p.returncode == 0 else "FAILED rc=" + str(p.returncode)}', flush=True)
+        for j in list(pending):
+            key, args, log, after = j
+            if after in failed: pending.remove(j); failed.add(key); continue
+            if (after is None or after in done) and len(running) < max_par:
+                running[key] = spawn(args, log); pending.remove(j)
+        time.sleep(1)
+    for k, p in running.items(): p.kill(); print(f'{k}: killed at the deadline', flush=True)
+    return done, failed
+
+def summary(runs_dir):
+    rows = {}
+    for mf in sorted(Path(runs_dir).glob('**/metrics.json')):
+        if mf.parent.name.startswith('round_'): continue
+        m = json.loads(mf.read_text())
+        acc = [r['accuracy'] for r in m['rounds']]
+        rows[str(mf.parent.relative_to(runs_dir))] = dict(acc=[round(100*a, 1) for a in acc],
+            gain_last=round(100*(acc[-1] - acc[0]), 1) if len(acc) > 1 else None,
+            gain_best=round(100*(max(acc[1:]) - acc[0]), 1) if len(acc) > 1 else None,
+            unparsed=[r['unparsed'] for r in m['rounds']], pos=[r['n_positive'] for r in m['rounds']],
+            neg=[r['n_negative'] for r in m['rounds']], sec=[round(r['seconds']) for r in m['rounds']])
+    return rows
+
+def explore(work, out, budget):
+    deadline, work = time.time() + budget, Path(work)
+    jobs = []
+    for b in BASES:
+        jobs.append((f'build-{b}', ['build', b, str(work/f'base_{b}')], work/f'build_{b}.log', None))
+        for l in ('L0', 'L4'):
+            c = make_cfg(str(work/f'base_{b}'), l, 2, str(work/'val'/f'{b}-{l}'), rounds=2)
+            jobs.append((f'{b}-{l}', ['run', json.dumps(c.to_dict())], work/f'{b}-{l}.log', f'build-{b}'))
+    for l in LOOPS:
+        c = make_cfg('embedded', l, 2, str(work/'val'/f'B0-{l}'), rounds=2)
+        jobs.append((f'B0-{l}', ['run', json.dumps(c.to_dict())], work/f'B0-{l}.log', None))
+    (work/'val').mkdir(parents=True, exist_ok=True)
+    done, failed = pool(jobs, deadline)
+    s = summary(work/'val')
+    (work/'explore_summary.json').write_text(json.dumps(s))
+    (Path(out)/'explore.json').write_text(json.dumps(dict(summary=s, failed=sorted(failed), bases=BASES, loops=LOOPS), indent=1))
+    for k, v in s.items(): print(k, v, flush=True)
+    return s
+
+def choose(s):
+    "The (base, loop) whose last round gained most on the validation draw (ties: the shipped base, the default loop)."
+    s = {k: v for k, v in s.items() if not k.endswith('L4')}   # L4 is the no-negatives method: informative, not a candidate
+    best = max(s.items(), key=lambda kv: (kv[1]['gain_last'] or -99, kv[0].startswith('B0'), kv[0].endswith('L0')))
+    return best[0].split('-')[0], best[0].split('-', 1)[1]
+
+def compare(work, out, budget, base, loop, seeds, methods):
+    deadline, work = time.time() + budget, Path(work)
+    if base != 'B0':   # the chosen base becomes the package's embedded model in this copy of the tree
+        dst = ROOT/'stl_nb'/'assets'/'embedded'
+        shutil.rmtree(dst); shutil.copytree(work/f'base_{base}', dst)
+    jobs, cmp = [], work/'compare'
+    from stl_nb.loop import compare_dir, METHODS
+    for s in seeds:
+        for m in methods:
+            if not METHODS[m].trains and s != seeds[0]: continue
+            c = make_cfg('embedded', loop, 1, str(compare_dir(cmp, m, s)), seed=s, method=m)
+            jobs.append((f'{m}-{s}', ['run', json.dumps(c.to_dict())], work/f'cmp-{m}-{s}.log', None))
+    done, failed = pool(jobs, deadline, max_par=20)
+    s = summary(cmp)
+    (Path(out)/'compare.json').write_text(json.dumps(dict(base=base, loop=loop, summary=s, failed=sorted(failed)), indent=1))
+    for k, v in s.items(): print(k, v, flush=True)
+
+if __name__ == '__main__':
+    p = argparse.ArgumentParser()
+    p.add_argument('cmd'); p.add_argument('rest', nargs='*')
+    p.add_argument('--work', default='/tmp/exp'); p.add_argument('--out', default=os.environ.get('OUT', '/tmp/exp_out'))
+    p.add_argument('--budget', type=float, default=400); p.add_argument('--base'); p.add_argument('--loop')
+    p.add_argument('--seeds', default='0,1,2')
+    a = p.parse_args()
+    Path(a.out).mkdir(parents=True, exist_ok=True)
+    if a.cmd == 'build': job_build(*a.rest)
+    elif a.cmd == 'run': job_run(a.rest[0])
+    elif a.cmd == 'explore': explore(a.work, a.out, a.budget)
+    elif a.cmd == 'compare':
+        base, loop = a.base, a.loop
+        if base is None:
+            base, loop = choose(json.loads((Path(a.work)/'explore_summary.json').read_text()))
+        from stl_nb.loop import METHODS
+        compare(a.work, a.out, a.budget, base, loop, [int(x) for x in a.seeds.split(',')], list(METHODS))
