@@ -69,6 +69,7 @@ def test_every_notebook_has_a_page_in_sidebar_order(site):
 PAGE_JS = """
 const out = {ids: [...document.querySelectorAll('[id]')].map(e => e.id),
              links: [...document.querySelectorAll('a[href]')].map(a => a.href),
+             content_links: [...document.querySelectorAll('article a[href]')].map(a => a.href),
              images: [...document.querySelectorAll('img')].map(i => ({src: i.currentSrc || i.src, ok: i.complete && i.naturalWidth > 0})),
              outputs: [...document.querySelectorAll('.jp-OutputArea-output, .jp-RenderedText')].map(o => o.innerText),
              errors: document.querySelectorAll('[data-mime-type="application/vnd.jupyter.stderr"] .ansi-red-fg, .jp-OutputArea-output.jp-mod-error').length,
@@ -88,7 +89,9 @@ def test_site_in_headless_chromium(site, browser):
             "Promise.all([...document.images].map(i => i.complete ? 0 : new Promise(r => {i.onload = i.onerror = r}))).then(done)")
         info[page] = d = browser.execute_script(PAGE_JS)
         if not d['article']: problems.append(f"{page}: no page content (title {d['title']!r})")
-        problems += [f"{page}: image does not load: {i['src'][:120]}" for i in d['images'] if not i['ok']]
+        # the site's own images and embedded plots must load; outside ones (the Colab badge) cannot offline
+        problems += [f"{page}: image does not load: {i['src'][:120]}" for i in d['images']
+                     if not i['ok'] and (i['src'].startswith((base, 'data:')) or not i['src'])]
         problems += [f"{page}: error traceback in an output: {o.strip()[:200]!r}" for o in d['outputs'] if TRACEBACK.search(o)]
         if d['errors']: problems.append(f"{page}: {d['errors']} error output(s)")
     for page, d in info.items():
@@ -99,6 +102,9 @@ def test_site_in_headless_chromium(site, browser):
             if not (SITE/target).is_file(): problems.append(f"{page}: broken link to {target}"); continue
             if u.fragment and target in info and u.fragment not in info[target]['ids']:
                 problems.append(f"{page}: link to a missing anchor {target}#{u.fragment}")
+    linked = {urlsplit(h).path.rsplit('/', 1)[-1] for h in info['index.html']['content_links'] if h.startswith(base)}
+    problems += [f"index.html: the landing page (nbs/index.ipynb, its chapter table) does not link to {p}"
+                 for p in pages[1:] if p not in linked]
     ARTIFACTS.mkdir(exist_ok=True)
     final = docs.page_name(final_notebook(docs.chapters()))
     for page, name in (('index.html', 'landing.png'), (final, f"final-{final.replace('.html', '')}.png")):
