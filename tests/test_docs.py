@@ -112,3 +112,10 @@ def test_site_in_headless_chromium(site, browser):
         browser.save_screenshot(str(ARTIFACTS/name))
     assert not problems, f"{len(problems)} problem(s) on the site:\n" + '\n'.join(sorted(set(problems))[:60])
     assert (ARTIFACTS/'landing.png').stat().st_size > 10_000
+
+def test_notebooks_open_in_jupyterlab_with_the_python3_kernel():
+    "`jupyter lab` from the dev install picks the kernel from each notebook's metadata (nbdev_clean keeps it)."
+    import json
+    for p in docs.chapters():
+        ks = json.loads(p.read_text())['metadata'].get('kernelspec', {})
+        assert ks.get('name') == 'python3' and ks.get('language') == 'python', f"{p.name}: kernelspec {ks}"
