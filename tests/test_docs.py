@@ -77,16 +77,22 @@ const out = {ids: [...document.querySelectorAll('[id]')].map(e => e.id),
 return out;
 """
 
+WAIT_JS = """const done = arguments[arguments.length-1];
+Promise.all([...document.images].map(i => i.complete ? 0 : new Promise(r => {i.onload = i.onerror = r})))
+  .then(() => document.fonts.ready).then(() => requestAnimationFrame(() => requestAnimationFrame(() => done(true))));"""
+
+def _load(browser, url):
+    "Open `url` and wait until its images have loaded or failed and two frames have been painted."
+    browser.get(url)
+    browser.execute_async_script(WAIT_JS)
+
 TRACEBACK = re.compile(r'Traceback \(most recent call last\)')  # an error output, or one printed
 
 def test_site_in_headless_chromium(site, browser):
     base, pages = site
     info, problems = {}, []
     for page in pages:
-        browser.get(base + page)
-        # images are lazy in no way here, but wait for the load event to fire for each one
-        browser.execute_async_script("const done = arguments[arguments.length-1];"
-            "Promise.all([...document.images].map(i => i.complete ? 0 : new Promise(r => {i.onload = i.onerror = r}))).then(done)")
+        _load(browser, base + page)
         info[page] = d = browser.execute_script(PAGE_JS)
         if not d['article']: problems.append(f"{page}: no page content (title {d['title']!r})")
         # the site's own images and embedded plots must load; outside ones (the Colab badge) cannot offline
@@ -108,7 +114,8 @@ def test_site_in_headless_chromium(site, browser):
     ARTIFACTS.mkdir(exist_ok=True)
     final = docs.page_name(final_notebook(docs.chapters()))
     for page, name in (('index.html', 'landing.png'), (final, f"final-{final.replace('.html', '')}.png")):
-        browser.get(base + page)
+        _load(browser, base + page)
+        time.sleep(1)  # a long page may still be painting after its load event
         browser.save_screenshot(str(ARTIFACTS/name))
     assert not problems, f"{len(problems)} problem(s) on the site:\n" + '\n'.join(sorted(set(problems))[:60])
     assert (ARTIFACTS/'landing.png').stat().st_size > 10_000
