@@ -5,7 +5,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 status=0
 
-echo "== 1. nbdev_clean, nbdev_export and tools/readme.py change nothing"
+echo "== 1. nbdev_clean, nbdev_export and tools/readme.py change nothing; Colab cells present"
 snapshot() { git status --porcelain --untracked-files=all; git diff; }
 before=$(snapshot)
 nbdev_clean >/dev/null && nbdev_export && python tools/readme.py || status=1
@@ -17,6 +17,7 @@ if [ "$before" != "$after" ]; then
 else
   echo "ok: notebooks clean, library and README in sync"
 fi
+python tools/colab.py --check || status=1   # every notebook opens with its Colab badge and set-up cell
 
 echo "== 2. nbdev_test (cells flagged slow, cuda or notest are skipped)"
 log=$(mktemp)
