@@ -19,18 +19,16 @@ from .filter import keep_correct, positive_examples
 from .negatives import generate_round, negative_examples
 from .evaluate import (score, round_row, load_run, plot_rounds, plot_domains, plot_data, rationale_card, markdown_table,
                              method_colours)
-import stl_nb.train as _train
-if not hasattr(_train, 'torch'):   # TEMPORARY: stl_nb.train uses torch without importing it (reported); remove once fixed
-    import torch as _torch; _train.torch = _torch
+from .durable import write_atomic
 
 # %% auto #0
 __all__ = ['METHODS', 'DATASETS', 'WORLD_SIZE', 'Method', 'RunError', 'STLConfig', 'embedded_config', 'real_config', 'load_data',
-           'write_atomic', 'write_json', 'read_json', 'config_diff', 'prepare_out', 'round_name', 'Run', 'load_model',
-           'check_run', 'check_quant', 'tiny_config', 'examples_of', 'direct_examples', 'rationalize', 'make_data',
-           'train_round', 'evaluate_round', 'write_metrics', 'log_round', 'run_stl', 'read_scores', 'paired_gain',
-           'verdict', 'round_table', 'domain_table', 'draw_run', 'draw_cards', 'report_text', 'write_report',
-           'compare_dir', 'share_files', 'mean_run', 'comparison_table', 'compare_rows', 'versus', 'write_comparison',
-           'run_compare', 'cli_config', 'set_threads', 'summary_text', 'stl_run', 'stl_compare']
+           'write_json', 'read_json', 'config_diff', 'prepare_out', 'round_name', 'Run', 'load_model', 'check_run',
+           'check_quant', 'tiny_config', 'examples_of', 'direct_examples', 'rationalize', 'make_data', 'train_round',
+           'evaluate_round', 'write_metrics', 'log_round', 'run_stl', 'read_scores', 'paired_gain', 'verdict',
+           'round_table', 'domain_table', 'draw_run', 'draw_cards', 'report_text', 'write_report', 'compare_dir',
+           'share_files', 'mean_run', 'comparison_table', 'compare_rows', 'versus', 'write_comparison', 'run_compare',
+           'cli_config', 'set_threads', 'summary_text', 'stl_run', 'stl_compare']
 
 # %% ../nbs/10_loop.ipynb #91ac595c
 @dataclass(frozen=True)
@@ -184,13 +182,6 @@ def load_data(name:str, split:str='train', limit:int|None=None, seed:int=1, doma
     return s
 
 # %% ../nbs/10_loop.ipynb #6a2cdf25
-def write_atomic(path, text:str):
-    "Write `text` to `path` through a temporary file and a rename: the file is whole or absent."
-    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + '.tmp')
-    with open(tmp, 'w', encoding='utf-8') as f: f.write(text); f.flush(); os.fsync(f.fileno())
-    os.replace(tmp, path)
-
 def write_json(path, obj): write_atomic(path, json.dumps(obj, indent=1, ensure_ascii=False) + '\n')
 def read_json(path): return json.loads(Path(path).read_text(encoding='utf-8'))
 
