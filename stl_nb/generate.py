@@ -10,6 +10,7 @@ from dataclasses import dataclass, asdict, fields
 from itertools import groupby
 from pathlib import Path
 from typing import NamedTuple
+from .durable import fault_point
 from .data import Sample, letter
 from .templates import (PromptStyle, chat, positive_prompt, negative_prompt, direct_prompt, star_prompt,
                               parse_rationale, parse_negative, parse_answer)
@@ -243,6 +244,7 @@ def run_jobs(vlm, jobs:list, out, cfg:GenConfig=GenConfig(), replies=reply_jobs,
             if len(rs) != len(b): raise RuntimeError(f"{replies.__name__} gave {len(rs)} replies for {len(b)} jobs")
             new = [make_record(j, r, prov) for j, r in zip(b, rs) if j.key not in done]
             _append(f, new); done.update((record_key(r), r) for r in new); bar.update(len(new))
+            fault_point(out.stem)   # crash point 'positives', 'negatives', 'test', ... (chapter 00a)
             if on_batch: on_batch(new)
     return [done[j.key] for j in jobs]
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field, asdict, replace, fields
 from pathlib import Path
 import pandas as pd
 from fastcore.script import call_parse, is_cli
-from .data import Samples, letter_index, load_m3cot, load_scienceqa, load_folder
+from .data import Samples, SampleError, letter_index, load_m3cot, load_scienceqa, load_folder
 from .world import WorldConfig, make_world
 from .templates import chat, direct_prompt, direct_target
 from .models import load_vlm
@@ -19,18 +19,16 @@ from .filter import keep_correct, positive_examples
 from .negatives import generate_round, negative_examples
 from .evaluate import (score, round_row, load_run, plot_rounds, plot_domains, plot_data, rationale_card, markdown_table,
                              method_colours)
-import stl_nb.train as _train
-if not hasattr(_train, 'torch'):   # TEMPORARY: stl_nb.train uses torch without importing it (reported); remove once fixed
-    import torch as _torch; _train.torch = _torch
+from .durable import write_atomic
 
 # %% auto #0
 __all__ = ['METHODS', 'DATASETS', 'WORLD_SIZE', 'Method', 'RunError', 'STLConfig', 'embedded_config', 'real_config', 'load_data',
-           'write_atomic', 'write_json', 'read_json', 'config_diff', 'prepare_out', 'round_name', 'Run', 'load_model',
-           'check_run', 'check_quant', 'tiny_config', 'examples_of', 'direct_examples', 'rationalize', 'make_data',
-           'train_round', 'evaluate_round', 'write_metrics', 'log_round', 'run_stl', 'read_scores', 'paired_gain',
-           'verdict', 'round_table', 'domain_table', 'draw_run', 'draw_cards', 'report_text', 'write_report',
-           'compare_dir', 'share_files', 'mean_run', 'comparison_table', 'compare_rows', 'versus', 'write_comparison',
-           'run_compare', 'cli_config', 'set_threads', 'summary_text', 'stl_run', 'stl_compare']
+           'context_size', 'fit_context', 'write_json', 'read_json', 'config_diff', 'prepare_out', 'round_name', 'Run',
+           'load_model', 'check_run', 'check_quant', 'tiny_config', 'examples_of', 'direct_examples', 'rationalize',
+           'make_data', 'train_round', 'evaluate_round', 'write_metrics', 'log_round', 'run_stl', 'read_scores',
+           'paired_gain', 'verdict', 'round_table', 'domain_table', 'draw_run', 'draw_cards', 'report_text',
+           'write_report', 'compare_dir', 'share_files', 'mean_run', 'comparison_table', 'compare_rows', 'versus',
+           'write_comparison', 'run_compare', 'cli_config', 'set_threads', 'summary_text', 'stl_run', 'stl_compare']
 
 # %% ../nbs/10_loop.ipynb #91ac595c
 @dataclass(frozen=True)
@@ -183,14 +181,41 @@ def load_data(name:str, split:str='train', limit:int|None=None, seed:int=1, doma
         s = Samples([s[i] for i in keep], s.rejected, s.filtered, s.source)
     return s
 
-# %% ../nbs/10_loop.ipynb #6a2cdf25
-def write_atomic(path, text:str):
-    "Write `text` to `path` through a temporary file and a rename: the file is whole or absent."
-    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + '.tmp')
-    with open(tmp, 'w', encoding='utf-8') as f: f.write(text); f.flush(); os.fsync(f.fileno())
-    os.replace(tmp, path)
+# %% ../nbs/10_loop.ipynb #fada7d51
+def context_size(model:str) -> int|None:
+    "The most positions the model's language model attends to, from its config; None where the config does not say."
+    import transformers
+    from stl_nb.models import _resolve
+    c = transformers.AutoConfig.from_pretrained(_resolve(model))
+    return getattr(getattr(c, 'text_config', None) or c, 'max_position_embeddings', None)
 
+def _prompt_kinds(method:Method, split:str, s) -> list:
+    "(kind, distractor) of the prompts `method` shows question `s`: its own kind, and on training questions the longest negative."
+    kinds = [(method.kind, None)] + [('star', None)]*(split == 'train' and method.rationalize)
+    wrong = max((w for w in range(len(s.choices)) if w != s.answer), key=lambda w: len(s.choices[w]))
+    return kinds + [('negative' if method.caption else 'negative-nocap', wrong)]*(split == 'train' and method.negatives)
+
+def fit_context(s:Samples, cfg:STLConfig, split:str, batch:int=32) -> Samples:
+    "`s` without the questions whose longest prompt plus `max_new_tokens` exceeds the model's context: rejected, never cut."
+    from stl_nb.models import VLM, _resolve, _load_processor, read_style
+    from stl_nb.generate import prompt_text
+    if (limit := context_size(cfg.model)) is None: return s
+    path = _resolve(cfg.model)
+    vlm = VLM(None, _load_processor(path, 'generic'), name=cfg.model)
+    style, new = read_style(path) or style_of(vlm), (cfg.gen if split == 'train' else cfg.eval_gen).max_new_tokens
+    jobs = [(x, k, w) for x in s for k, w in _prompt_kinds(METHODS[cfg.method], split, x)]
+    n = {}
+    for i in range(0, len(jobs), batch):
+        b = jobs[i:i+batch]
+        ids = vlm._prompt_ids([x.image for x, _, _ in b], [chat(prompt_text(x, k, w, style)) for x, k, w in b])[0]
+        for (x, _, _), row in zip(b, ids): n[x.id] = max(n.get(x.id, 0), len(row))
+    bad = [SampleError(x.id, 'question', f"its prompt is {n[x.id]} tokens (image included) and replies may take {new} more: "
+                       f"more than the model's {limit}-token context; prompts are never cut") for x in s if n[x.id] + new > limit]
+    if not bad: return s
+    out = {e.record_id for e in bad}
+    return Samples([x for x in s if x.id not in out], list(s.rejected) + bad, s.filtered, s.source)
+
+# %% ../nbs/10_loop.ipynb #6a2cdf25
 def write_json(path, obj): write_atomic(path, json.dumps(obj, indent=1, ensure_ascii=False) + '\n')
 def read_json(path): return json.loads(Path(path).read_text(encoding='utf-8'))
 
@@ -252,7 +277,9 @@ class Run:
         "The train or test questions of the run, read once."
         if split not in self.data:
             c = self.cfg
-            self.data[split] = load_data(c.data, split, c.limit if split == 'train' else c.test_limit, c.data_seed, c.domains)
+            s = fit_context(load_data(c.data, split, c.limit if split == 'train' else c.test_limit, c.data_seed, c.domains), c, split)
+            if not len(s): raise RunError(_no_questions(s, c.data, split))
+            self.data[split] = s
         return self.data[split]
 
     def model(self, adapter:str|None=None):
@@ -279,7 +306,7 @@ class Run:
 def load_model(cfg:STLConfig, adapter=None):
     "The run's model: the base, or the base with the `adapter` folder merged in (kept apart on a 4-bit base)."
     try: vlm = load_vlm(cfg.model, quant=cfg.quant, adapter=None if adapter is None else str(adapter))
-    except OSError as e: raise RunError(f"cannot load model {cfg.model!r}: {str(e).strip().splitlines()[0]}") from None
+    except (OSError, ValueError) as e: raise RunError(f"cannot load model {cfg.model!r}: {str(e).strip().splitlines()[0]}") from None
     return vlm if adapter is None else merge_adapter(vlm)
 
 def check_run(cfg:STLConfig):
@@ -392,6 +419,7 @@ def run_stl(cfg:STLConfig, overwrite:bool=False, progress:bool=True) -> dict:
     if overwrite or not (run.out/'config.json').exists():
         for split in ('test', 'train')[:1 + run.method.trains]: run.samples(split)   # bad data fails before the folder is made
     prepare_out(cfg, overwrite)
+    if run.data: write_atomic(run.out/'data.md', '\n\n'.join(s.report() for s in run.data.values()) + '\n')   # what was rejected, and why
     for rnd in range(run.n_rounds + 1):
         if run.done(rnd): continue
         t0, ran = time.time(), True
@@ -665,6 +693,10 @@ def _main(prog:str, f):
     except RunError as e:
         if not is_cli(): raise
         print(f"{prog}: error: {e}", file=sys.stderr); sys.exit(2)
+    except OSError as e:   # a read-only or full disk: the files written so far are whole (write_atomic, JSONL by batch)
+        if not is_cli(): raise
+        print(f"{prog}: error: cannot write {e.filename or 'the output'}: {e.strerror or e}; what was written is kept, "
+              "and the same command resumes from it", file=sys.stderr); sys.exit(1)
 
 # %% ../nbs/10_loop.ipynb #de66a656
 def summary_text(m:dict, out) -> str:

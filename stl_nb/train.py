@@ -8,7 +8,9 @@ import json, math, os, shutil, tempfile, time, warnings
 from dataclasses import dataclass, field, asdict, replace
 from pathlib import Path
 from fastcore.basics import patch
+import torch
 
+from .durable import fault_point, fsync_tree, write_atomic
 from .data import Sample
 from .templates import chat, positive_prompt, render_rationale, direct_prompt, direct_target
 from .models import VLM, load_vlm
@@ -119,6 +121,13 @@ def _trainer_cls():
                                         lengths=self.lengths, generator=g)
     return _STLTrainer
 
+def _crash_points():
+    "A `TrainerCallback` marking each optimizer step as the crash point 'train_step' (chapter 00a)."
+    from transformers import TrainerCallback
+    class _CrashPoints(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw): fault_point('train_step')
+    return _CrashPoints()
+
 def _precision() -> dict:
     "bf16 on GPUs that have it, fp16 on those that do not (T4), fp32 on the CPU."
     if not torch.cuda.is_available(): return {}
@@ -158,11 +167,13 @@ class TrainResult:
 
 # %% ../nbs/05_train.ipynb #263c38e0
 def _save_atomic(model, adapter_dir):
-    "Save the adapter into a temporary folder, then rename it: the folder appears only when complete."
+    "Save the adapter into a temporary folder, flushed to disk, then rename it: the folder appears only when complete."
     adapter_dir = Path(adapter_dir)
     tmp = adapter_dir.with_name(adapter_dir.name + '.tmp')
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(str(tmp))
+    fsync_tree(tmp)
+    fault_point('adapter_save')   # a crash here leaves only the temporary folder, which the next save replaces
     shutil.rmtree(adapter_dir, ignore_errors=True)
     os.replace(tmp, adapter_dir)
     return str(adapter_dir)
@@ -201,7 +212,7 @@ def train_qlora(vlm:VLM, examples, cfg:TrainConfig=TrainConfig(), out_dir=None, 
     with warnings.catch_warnings():  # transformers 5 renames gradient_checkpointing; the old name works on every 5.x
         warnings.simplefilter('ignore', FutureWarning)
         trainer = _trainer_cls()(model=model, args=training_args(cfg, out_dir/'trainer'), train_dataset=examples,
-                                 data_collator=_Collate(vlm, cfg.max_length))
+                                 data_collator=_Collate(vlm, cfg.max_length), callbacks=[_crash_points()])
     if cfg.group_by_length: trainer.lengths = lengths
     if not progress: trainer.args.disable_tqdm = True
     verbosity = hf_logging.get_verbosity(); hf_logging.set_verbosity_error()
@@ -216,10 +227,11 @@ def train_qlora(vlm:VLM, examples, cfg:TrainConfig=TrainConfig(), out_dir=None, 
     losses = [(h['step'], h['loss']) for h in trainer.state.log_history if 'loss' in h]
     bs = cfg.batch_size
     order = list(iter(trainer._get_train_sampler())) if cfg.group_by_length else list(range(len(lengths)))
-    res = TrainResult(_save_atomic(model, out_dir/'adapter'), len(examples), len(dropped), losses, time.time() - start,
+    res = TrainResult(str(out_dir/'adapter'), len(examples), len(dropped), losses, time.time() - start,
                       _padding(lengths, bs, order), sum(lengths)*cfg.epochs/t_train)
     shutil.rmtree(out_dir/'trainer', ignore_errors=True)
-    (out_dir/'train.json').write_text(json.dumps({**asdict(res), 'config': asdict(cfg)}, indent=1))
+    write_atomic(out_dir/'train.json', json.dumps({**asdict(res), 'config': asdict(cfg)}, indent=1))
+    _save_atomic(model, out_dir/'adapter')   # last: a complete adapter folder means the training finished
     return res
 
 # %% ../nbs/05_train.ipynb #8a3607b7
