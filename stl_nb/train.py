@@ -227,11 +227,14 @@ def train_qlora(vlm:VLM, examples, cfg:TrainConfig=TrainConfig(), out_dir=None, 
     losses = [(h['step'], h['loss']) for h in trainer.state.log_history if 'loss' in h]
     bs = cfg.batch_size
     order = list(iter(trainer._get_train_sampler())) if cfg.group_by_length else list(range(len(lengths)))
+    main = trainer.is_world_process_zero()   # data-parallel (accelerate launch, torchrun): rank 0 writes, the others wait
     res = TrainResult(str(out_dir/'adapter'), len(examples), len(dropped), losses, time.time() - start,
                       _padding(lengths, bs, order), sum(lengths)*cfg.epochs/t_train)
-    shutil.rmtree(out_dir/'trainer', ignore_errors=True)
-    write_atomic(out_dir/'train.json', json.dumps({**asdict(res), 'config': asdict(cfg)}, indent=1))
-    _save_atomic(model, out_dir/'adapter')   # last: a complete adapter folder means the training finished
+    if main:
+        shutil.rmtree(out_dir/'trainer', ignore_errors=True)
+        write_atomic(out_dir/'train.json', json.dumps({**asdict(res), 'config': asdict(cfg)}, indent=1))
+        _save_atomic(model, out_dir/'adapter')   # last: a complete adapter folder means the training finished
+    trainer.accelerator.wait_for_everyone()
     return res
 
 # %% ../nbs/05_train.ipynb #8a3607b7
