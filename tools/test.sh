@@ -24,7 +24,7 @@ log=$(mktemp)
 # nbdev_test runs one notebook per core; one torch thread each keeps them from fighting over the cores
 OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} nbdev_test --do_print --timing ${NBDEV_TEST_ARGS:-} 2>&1 | tee "$log"
 nb_rc=${PIPESTATUS[0]}
-n_all=$(grep -c '^Starting ' "$log" || true)
+n_all=$(grep -o 'Starting ' "$log" | wc -l)
 n_failed=$(sed -n '/Failed On The Following Notebooks/,$p' "$log" | grep -cE '^\s+\S+\.ipynb' || true)
 [ "$nb_rc" -ne 0 ] && [ "$n_failed" -eq 0 ] && n_failed=1
 echo "notebooks: $((n_all - n_failed)) passed, $n_failed failed"
