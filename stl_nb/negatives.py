@@ -73,16 +73,17 @@ def _prefix_layer():
     "The `PrefixLayer` class, made on first use (so importing this module does not import transformers)."
     from transformers.cache_utils import DynamicLayer
     class PrefixLayer(DynamicLayer):
-        "A layer's cache: one prefix per group (`prefix_keys`: groups × heads × tokens × dim) and each row's own tokens after it."
+        "A layer's cache: one prefix per group (groups × heads × tokens × dim) and each row's own tokens after it."
         def __init__(self, keys, values, owner:list):
             super().__init__()
             import torch
-            self.prefix_keys, self.prefix_values, self.n_groups = keys, values, keys.shape[0]
+            self.prefix_keys_t, self.prefix_values = keys.transpose(2, 3).contiguous(), values   # keys ready for q @ kᵀ
+            self.n_groups, self.width = keys.shape[0], max(_ranks(owner)) + 1                     # width: the most rows a group has
             self.owner, self.rank = (torch.tensor(x, device=keys.device) for x in (owner, _ranks(owner)))
-            self.width = max(_ranks(owner)) + 1                      # the most rows a group has
+            self.regular = owner == [g for g in range(self.n_groups) for _ in range(self.width)]  # consecutive, equal groups
             self.keys, self.values = (x.new_empty(len(owner), x.shape[1], 0, x.shape[3]) for x in (keys, values))
             self.device, self.is_initialized = keys.device, True
-        def get_seq_length(self) -> int: return self.prefix_keys.shape[-2] + self.keys.shape[-2]
+        def get_seq_length(self) -> int: return self.prefix_values.shape[-2] + self.keys.shape[-2]
         def batch_repeat_interleave(self, repeats:int): raise NotImplementedError("a PrefixLayer's rows are fixed")
         def batch_select_indices(self, indices): raise NotImplementedError("a PrefixLayer's rows are fixed")
     return PrefixLayer
@@ -98,13 +99,15 @@ def prefix_cache(cache, owner:list):
 # %% ../nbs/08_negatives.ipynb #c8e41b97
 def _by_group(x, layer):
     "Rows `x` (rows × heads × n × m) placed in their groups: groups × heads × (width · n) × m, zeros where a group has fewer rows."
+    if layer.regular: return x.unflatten(0, (layer.n_groups, layer.width)).transpose(1, 2).flatten(2, 3)
     g = x.new_zeros(layer.n_groups, x.shape[1], layer.width, *x.shape[2:])
     g[layer.owner, :, layer.rank] = x
     return g.flatten(2, 3)
 
 def _of_rows(g, layer):
     "The inverse of `_by_group`: each row's part of groups × heads × (width · n) × m."
-    return g.unflatten(2, (layer.width, -1))[layer.owner, :, layer.rank]
+    g = g.unflatten(2, (layer.width, -1))
+    return g.transpose(1, 2).flatten(0, 1) if layer.regular else g[layer.owner, :, layer.rank]
 
 def prefix_attention(module, query, key, value, attention_mask, scaling:float, dropout:float=0., **kwargs):
     "Attention of rows over their group's prefix (read once per group) and their own `key`s: eager attention's arithmetic."
@@ -112,11 +115,11 @@ def prefix_attention(module, query, key, value, attention_mask, scaling:float, d
     layer = _active.get().layers[module.layer_idx]
     b, h, q, d = query.shape; n = h // key.shape[1]                # n query heads per key/value head
     qs = query.reshape(b, h // n, n * q, d)
-    scores = torch.cat([_of_rows(_by_group(qs, layer) @ layer.prefix_keys.transpose(2, 3), layer), qs @ key.transpose(2, 3)], -1) * scaling
-    if attention_mask is not None: scores = scores + (attention_mask if n == 1 else attention_mask.repeat(1, 1, n, 1))
+    scores = torch.cat([_of_rows(_by_group(qs, layer) @ layer.prefix_keys_t, layer), qs @ key.transpose(2, 3)], -1).mul_(scaling)
+    if attention_mask is not None: scores += attention_mask if n == 1 else attention_mask.repeat(1, 1, n, 1)
     w = torch.softmax(scores, -1, dtype=torch.float32).to(query.dtype)
-    p = layer.prefix_keys.shape[-2]
-    out = _of_rows(_by_group(w[..., :p], layer) @ layer.prefix_values, layer) + w[..., p:] @ value
+    p = layer.prefix_values.shape[-2]
+    out = _of_rows(_by_group(w[..., :p], layer) @ layer.prefix_values, layer).add_(w[..., p:] @ value)
     return out.reshape(b, h, q, d).transpose(1, 2).contiguous(), None
 
 def _decoder(vlm):
