@@ -114,6 +114,7 @@ def prefix_attention(module, query, key, value, attention_mask, scaling:float, d
     import torch
     layer = _active.get().layers[module.layer_idx]
     b, h, q, d = query.shape; n = h // key.shape[1]                # n query heads per key/value head
+    if attention_mask is None and q > 1: raise ValueError("prefix_attention needs the causal mask: register it with eager_mask")
     qs = query.reshape(b, h // n, n * q, d)
     scores = torch.cat([_of_rows(_by_group(qs, layer) @ layer.prefix_keys_t, layer), qs @ key.transpose(2, 3)], -1).mul_(scaling)
     if attention_mask is not None: scores += attention_mask if n == 1 else attention_mask.repeat(1, 1, n, 1)
@@ -129,9 +130,9 @@ def _decoder(vlm):
 
 def cascades(vlm) -> bool:
     "Whether `generate_shared` keeps one prefix per group during decoding: a Llama text model, full attention in every layer."
+    if not shares_prefix(vlm): return False
     c = _decoder(vlm).config
-    return (shares_prefix(vlm) and c.model_type == 'llama' and c._attn_implementation in ('sdpa', 'eager', _ATTENTION)
-            and not getattr(c, 'sliding_window', None))
+    return c.model_type == 'llama' and c._attn_implementation in ('sdpa', 'eager', _ATTENTION) and not getattr(c, 'sliding_window', None)
 
 @contextmanager
 def prefix_mode(vlm, cache):
@@ -161,11 +162,10 @@ def _rows(pre:list, suf:list, owner:list, pad:int) -> tuple:
     (p_ids, p_mask), (s_ids, s_mask), idx = _left(pre, pad), _left(suf, pad), torch.tensor(owner)
     return p_ids, p_mask, dict(input_ids=torch.cat([p_ids[idx], s_ids], 1), attention_mask=torch.cat([p_mask[idx], s_mask], 1))
 
-def _branch(vlm, cache, owner:list):
-    "The prefixes' cache made ready for the rows: kept once per group where `vlm` cascades, else copied to each row."
+def _copied(cache, owner:list):
+    "The prefixes' `cache` with each group's prefix copied to its rows."
     import torch
-    if cascades(vlm): return prefix_cache(cache, owner)
-    cache.batch_select_indices(torch.tensor(owner, device=vlm.device)); return cache
+    cache.batch_select_indices(torch.tensor(owner, device=cache.layers[0].keys.device)); return cache
 
 def generate_shared(vlm, images, messages_list, groups:list, cfg:GenConfig=GenConfig(), seed:int=0) -> list:
     "Like `generate_batch`, but a group's rows (one image, prompts differing at the end) branch from one pass over their common prefix."
@@ -178,8 +178,9 @@ def generate_shared(vlm, images, messages_list, groups:list, cfg:GenConfig=GenCo
     firsts = [owner.index(g) for g in range(len(pre))]                 # each group's image, once
     with torch.inference_mode(), seeded(vlm, seed):
         cache = _prefill(vlm, p_ids, p_mask, {k: v[firsts] for k, v in rest.items()})
-        cache = _branch(vlm, cache, owner)
-        with prefix_mode(vlm, cache) if cascades(vlm) else nullcontext():
+        cascade = cascades(vlm)                                        # one prefix per group while decoding, or a copy per row
+        cache = prefix_cache(cache, owner) if cascade else _copied(cache, owner)
+        with prefix_mode(vlm, cache) if cascade else nullcontext():
             out = vlm.model.generate(**{k: v.to(vlm.device) for k, v in rows.items()}, **{_cache_arg(vlm): cache}, **decoding(vlm, cfg))
     return replies_of(vlm, out[:, rows['input_ids'].shape[1]:])
 
