@@ -9,8 +9,10 @@
 
 Both comparisons decode greedily and report the fraction of replies that are identical to the baseline's. The two methods
 are timed batch by batch in turn (so a load that drifts hits both alike), each batch the best of `--repeats` runs (the
-one-at-a-time baseline runs once: it is the slow one), and the batch times are summed. A busy machine slows all
-methods; pass `--threads 1` when another process is using the cores (oversubscribed threads make every timing noisy).
+one-at-a-time baseline runs once: it is the slow one), and the batch times are summed, by the wall clock and by the
+process's CPU time (which leaves out the time other processes held the cores, so it is the steadier of the two on a
+shared machine). A busy machine slows all methods; pass `--threads 1` when another process is using the cores
+(oversubscribed threads make every timing noisy).
 
     python bench/bench_generate.py [--part batch negatives negatives-llava] [--model embedded] [--n 128]
                                    [--batch-size 64] [--max-new-tokens 160] [--repeats 3] [--threads N]
@@ -37,18 +39,21 @@ def parse_args(argv=None):
 
 
 def race(groups, baseline, method, repeats, baseline_repeats=None):
-    "(baseline seconds, method seconds, baseline replies, method replies): batch by batch, each timed in turn, best of its repeats."
-    t = [0., 0.]; out = [[], []]
+    """(baseline seconds, method seconds, baseline replies, method replies): batch by batch, each timed in turn, best of its repeats.
+    Seconds are (wall, CPU) pairs: the process's CPU time leaves out the time other processes held the cores."""
+    t = [[0., 0.], [0., 0.]]; out = [[], []]
     for g in groups:
         for i, (fn, n) in enumerate([(baseline, baseline_repeats or repeats), (method, repeats)]):
             ts = []
             for _ in range(n):
-                t0 = time.perf_counter(); rs = fn(g); ts.append(time.perf_counter() - t0)
-            t[i] += min(ts); out[i] += rs
-    return t[0], t[1], out[0], out[1]
+                t0, c0 = time.perf_counter(), time.process_time(); rs = fn(g); ts.append((time.perf_counter() - t0, time.process_time() - c0))
+            t[i][0] += min(w for w, _ in ts); t[i][1] += min(c for _, c in ts); out[i] += rs
+    return tuple(t[0]), tuple(t[1]), out[0], out[1]
 
 
 def same(a, b) -> int: return sum(x == y for x, y in zip(a, b))
+
+def ratio(base, new) -> tuple: return tuple(b / x for b, x in zip(base, new))
 
 
 def bench_batch(vlm, samples, cfg, repeats):
@@ -60,7 +65,7 @@ def bench_batch(vlm, samples, cfg, repeats):
                                   lambda g: reply_jobs(vlm, g, cfg), repeats, baseline_repeats=1)
     n, tokens = len(jobs), sum(r.n_tokens for r in one)
     return [('batch', 'one question per call', n, tokens, t_one, None, None),
-            ('batch', f'batched ({cfg.batch_size} per call)', n, tokens, t_bat, t_one / t_bat, same(one, bat))]
+            ('batch', f'batched ({cfg.batch_size} per call)', n, tokens, t_bat, ratio(t_one, t_bat), same(one, bat))]
 
 
 def bench_negatives(vlm, samples, cfg, repeats, part='negatives'):
@@ -75,7 +80,7 @@ def bench_negatives(vlm, samples, cfg, repeats, part='negatives'):
         t_ind, t_sh, ind, sh = race(groups, lambda g: reply_jobs(vlm, g, c), lambda g: reply_shared(vlm, g, c), repeats)
         n, tokens = len(jobs), sum(r.n_tokens for r in ind)
         rows += [(part, f'independent prompts{what}', n, tokens, t_ind, None, None),
-                 (part, f'shared prefix ({k} distr.){what}', n, tokens, t_sh, t_ind / t_sh, same(ind, sh))]
+                 (part, f'shared prefix ({k} distr.){what}', n, tokens, t_sh, ratio(t_ind, t_sh), same(ind, sh))]
     return rows
 
 
@@ -95,9 +100,12 @@ def tiny_llava(fixture:Path):
 
 
 def table(rows) -> str:
-    head = f"{'part':<10} {'method':<36} {'replies':>7} {'tokens':>7} {'seconds':>8} {'replies/s':>9} {'ratio':>7}  identical"
-    fmt = lambda p, m, n, tok, t, r, s: (f"{p:<10} {m:<36} {n:>7} {tok:>7} {t:>8.2f} {n/t:>9.1f} "
-                                         f"{'1.00x' if r is None else f'{r:.2f}x':>7}  {'(baseline)' if s is None else f'{s}/{n} ({100*s/n:.1f}%)'}")
+    "The results: seconds and ratio by the wall clock, then by the process's CPU time (steadier on a shared machine)."
+    head = (f"{'part':<10} {'method':<36} {'replies':>7} {'tokens':>7} {'seconds':>8} {'replies/s':>9} {'ratio':>7} "
+            f"{'cpu s':>7} {'cpu ratio':>9}  identical")
+    x = lambda r: '1.00x' if r is None else f'{r:.2f}x'
+    fmt = lambda p, m, n, tok, t, r, s: (f"{p:<10} {m:<36} {n:>7} {tok:>7} {t[0]:>8.2f} {n/t[0]:>9.1f} {x(r and r[0]):>7} "
+                                         f"{t[1]:>7.2f} {x(r and r[1]):>9}  {'(baseline)' if s is None else f'{s}/{n} ({100*s/n:.1f}%)'}")
     return '\n'.join([head] + [fmt(*r) for r in rows])
 
 

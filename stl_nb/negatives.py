@@ -4,7 +4,9 @@
 
 # %% ../nbs/08_negatives.ipynb #348862ae
 from __future__ import annotations
-import json
+import contextvars, functools, json
+from collections import Counter
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, asdict, field
 from pathlib import Path
 from .data import Sample, SampleError, letter, letter_index
@@ -15,8 +17,9 @@ from .generate import (GenConfig, Job, run_jobs, reply_jobs, generate, generate_
 from .filter import FilterReport, keep_correct, positive_examples, sample_of, index_samples
 
 # %% auto #0
-__all__ = ['AUDIT', 'negative_jobs', 'split_prompts', 'shares_prefix', 'generate_shared', 'reply_shared', 'make_negatives',
-           'negative_examples', 'audit_one', 'NegativeAudit', 'audit_negatives', 'RoundData', 'generate_round']
+__all__ = ['AUDIT', 'negative_jobs', 'split_prompts', 'shares_prefix', 'prefix_cache', 'prefix_attention', 'cascades',
+           'prefix_mode', 'generate_shared', 'reply_shared', 'make_negatives', 'negative_examples', 'audit_one',
+           'NegativeAudit', 'audit_negatives', 'RoundData', 'generate_round']
 
 # %% ../nbs/08_negatives.ipynb #089d6e88
 def negative_jobs(kept:list, samples, n:int=1, caption:bool=True) -> list:
@@ -55,6 +58,95 @@ def _cache_arg(vlm) -> str:
     m = vlm.model.get_base_model() if hasattr(vlm.model, 'get_base_model') else vlm.model
     return 'cache' if 'cache' in inspect.signature(m.forward).parameters else 'past_key_values'
 
+# %% ../nbs/08_negatives.ipynb #a3f0c6d1
+_ATTENTION = 'stl_prefix'                                           # the attention implementation's registered name
+_active = contextvars.ContextVar('stl_prefix_cache', default=None)  # the cache `prefix_attention` reads the prefixes from
+
+def _ranks(owner:list) -> list:
+    "Each row's place among its group's rows: `[0, 0, 1, 1, 2]` for owner `[0, 1, 0, 1, 0]`."
+    seen, out = Counter(), []
+    for o in owner: out.append(seen[o]); seen[o] += 1
+    return out
+
+@functools.cache
+def _prefix_layer():
+    "The `PrefixLayer` class, made on first use (so importing this module does not import transformers)."
+    from transformers.cache_utils import DynamicLayer
+    class PrefixLayer(DynamicLayer):
+        "A layer's cache: one prefix per group (groups × heads × tokens × dim) and each row's own tokens after it."
+        def __init__(self, keys, values, owner:list):
+            super().__init__()
+            import torch
+            self.prefix_keys_t, self.prefix_values = keys.transpose(2, 3).contiguous(), values   # keys ready for q @ kᵀ
+            self.n_groups, self.width = keys.shape[0], max(_ranks(owner)) + 1                     # width: the most rows a group has
+            self.owner, self.rank = (torch.tensor(x, device=keys.device) for x in (owner, _ranks(owner)))
+            self.regular = owner == [g for g in range(self.n_groups) for _ in range(self.width)]  # consecutive, equal groups
+            self.keys, self.values = (x.new_empty(len(owner), x.shape[1], 0, x.shape[3]) for x in (keys, values))
+            self.device, self.is_initialized = keys.device, True
+        def get_seq_length(self) -> int: return self.prefix_values.shape[-2] + self.keys.shape[-2]
+        def batch_repeat_interleave(self, repeats:int): raise NotImplementedError("a PrefixLayer's rows are fixed")
+        def batch_select_indices(self, indices): raise NotImplementedError("a PrefixLayer's rows are fixed")
+    return PrefixLayer
+
+def prefix_cache(cache, owner:list):
+    "A cache of `PrefixLayer`s from the prefixes' `cache` (one row per group): row i continues group `owner[i]`'s prefix."
+    from transformers import DynamicCache
+    c = DynamicCache()
+    c.layers, c.layer_class_to_replicate = [_prefix_layer()(l.keys, l.values, owner) for l in cache.layers], None
+    return c
+
+
+# %% ../nbs/08_negatives.ipynb #c8e41b97
+def _by_group(x, layer):
+    "Rows `x` (rows × heads × n × m) placed in their groups: groups × heads × (width · n) × m, zeros where a group has fewer rows."
+    if layer.regular: return x.unflatten(0, (layer.n_groups, layer.width)).transpose(1, 2).flatten(2, 3)
+    g = x.new_zeros(layer.n_groups, x.shape[1], layer.width, *x.shape[2:])
+    g[layer.owner, :, layer.rank] = x
+    return g.flatten(2, 3)
+
+def _of_rows(g, layer):
+    "The inverse of `_by_group`: each row's part of groups × heads × (width · n) × m."
+    g = g.unflatten(2, (layer.width, -1))
+    return g.transpose(1, 2).flatten(0, 1) if layer.regular else g[layer.owner, :, layer.rank]
+
+def prefix_attention(module, query, key, value, attention_mask, scaling:float, dropout:float=0., **kwargs):
+    "Attention of rows over their group's prefix (read once per group) and their own `key`s: eager attention's arithmetic."
+    import torch
+    layer = _active.get().layers[module.layer_idx]
+    b, h, q, d = query.shape; n = h // key.shape[1]                # n query heads per key/value head
+    if attention_mask is None and q > 1: raise ValueError("prefix_attention needs the causal mask: register it with eager_mask")
+    qs = query.reshape(b, h // n, n * q, d)
+    scores = torch.cat([_of_rows(_by_group(qs, layer) @ layer.prefix_keys_t, layer), qs @ key.transpose(2, 3)], -1).mul_(scaling)
+    if attention_mask is not None: scores += attention_mask if n == 1 else attention_mask.repeat(1, 1, n, 1)
+    w = torch.softmax(scores, -1, dtype=torch.float32).to(query.dtype)
+    p = layer.prefix_values.shape[-2]
+    out = _of_rows(_by_group(w[..., :p], layer) @ layer.prefix_values, layer).add_(w[..., p:] @ value)
+    return out.reshape(b, h, q, d).transpose(1, 2).contiguous(), None
+
+def _decoder(vlm):
+    "The language model inside `vlm` (through an adapter wrapper)."
+    m = vlm.model.get_base_model() if hasattr(vlm.model, 'get_base_model') else vlm.model
+    return m.get_decoder()
+
+def cascades(vlm) -> bool:
+    "Whether `generate_shared` keeps one prefix per group during decoding: a Llama text model, full attention in every layer."
+    if not shares_prefix(vlm): return False
+    c = _decoder(vlm).config
+    return c.model_type == 'llama' and c._attn_implementation in ('sdpa', 'eager', _ATTENTION) and not getattr(c, 'sliding_window', None)
+
+@contextmanager
+def prefix_mode(vlm, cache):
+    "A context in which `vlm`'s language model attends with `prefix_attention`, reading the prefixes of `cache`."
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, eager_mask
+    AttentionInterface.register(_ATTENTION, prefix_attention); AttentionMaskInterface.register(_ATTENTION, eager_mask)
+    c = _decoder(vlm).config
+    before, token = c._attn_implementation, _active.set(cache)
+    c._attn_implementation = _ATTENTION
+    try: yield
+    finally: c._attn_implementation = before; _active.reset(token)
+
+
 # %% ../nbs/08_negatives.ipynb #1e37e0c3
 def _prefill(vlm, ids, mask, pixels:dict):
     "The key/value cache of one pass over left-padded prefixes, positions counted from each row's first real token."
@@ -70,6 +162,11 @@ def _rows(pre:list, suf:list, owner:list, pad:int) -> tuple:
     (p_ids, p_mask), (s_ids, s_mask), idx = _left(pre, pad), _left(suf, pad), torch.tensor(owner)
     return p_ids, p_mask, dict(input_ids=torch.cat([p_ids[idx], s_ids], 1), attention_mask=torch.cat([p_mask[idx], s_mask], 1))
 
+def _copied(cache, owner:list):
+    "The prefixes' `cache` with each group's prefix copied to its rows."
+    import torch
+    cache.batch_select_indices(torch.tensor(owner, device=cache.layers[0].keys.device)); return cache
+
 def generate_shared(vlm, images, messages_list, groups:list, cfg:GenConfig=GenConfig(), seed:int=0) -> list:
     "Like `generate_batch`, but a group's rows (one image, prompts differing at the end) branch from one pass over their common prefix."
     import torch
@@ -81,9 +178,12 @@ def generate_shared(vlm, images, messages_list, groups:list, cfg:GenConfig=GenCo
     firsts = [owner.index(g) for g in range(len(pre))]                 # each group's image, once
     with torch.inference_mode(), seeded(vlm, seed):
         cache = _prefill(vlm, p_ids, p_mask, {k: v[firsts] for k, v in rest.items()})
-        cache.batch_select_indices(torch.tensor(owner, device=vlm.device))
-        out = vlm.model.generate(**{k: v.to(vlm.device) for k, v in rows.items()}, **{_cache_arg(vlm): cache}, **decoding(vlm, cfg))
+        cascade = cascades(vlm)                                        # one prefix per group while decoding, or a copy per row
+        cache = prefix_cache(cache, owner) if cascade else _copied(cache, owner)
+        with prefix_mode(vlm, cache) if cascade else nullcontext():
+            out = vlm.model.generate(**{k: v.to(vlm.device) for k, v in rows.items()}, **{_cache_arg(vlm): cache}, **decoding(vlm, cfg))
     return replies_of(vlm, out[:, rows['input_ids'].shape[1]:])
+
 
 # %% ../nbs/08_negatives.ipynb #cef7608e
 def reply_shared(vlm, jobs:list, cfg:GenConfig, seed:int=0) -> list:

@@ -15,7 +15,8 @@ from stl_nb.templates import PromptStyle, chat, negative_prompt, render_rational
 from stl_nb.generate import GenConfig, Job, Reply, make_record, read_records, reply_jobs, generate_batch, prompt_text, batches
 from stl_nb.filter import keep_correct
 from stl_nb.negatives import (negative_jobs, split_prompts, shares_prefix, generate_shared, reply_shared, make_negatives,
-                              negative_examples, audit_negatives, audit_one, generate_round, AUDIT)
+                              negative_examples, audit_negatives, audit_one, generate_round, AUDIT, cascades, prefix_mode)
+import stl_nb.negatives as negatives
 from test_generate import tiny_vlm, STYLE, Crash, crash_after
 
 WORLD = make_world(60, seed=2)
@@ -70,6 +71,49 @@ def test_shared_prefix_equals_one_prompt_at_a_time(vlm):
     cfg = GenConfig(max_new_tokens=20)
     alone = [reply_jobs(vlm, [j], cfg)[0] for j in jobs]
     assert [r for b in batches(jobs, 12) for r in reply_shared(vlm, b, cfg)] == alone
+
+def test_decoding_reads_one_prefix_per_question(vlm, monkeypatch):
+    "The cascade path is the one taken (one prefix per question in the cache), and the copying path gives the same replies."
+    jobs = negative_jobs(kept_of(WORLD[:10]), WORLD)
+    cfg = GenConfig(max_new_tokens=16)
+    seen = []
+    monkeypatch.setattr(negatives, 'prefix_cache', lambda c, o, f=negatives.prefix_cache: seen.append(f(c, o)) or seen[-1])
+    assert cascades(vlm) and reply_shared(vlm, jobs, cfg) == reply_jobs(vlm, jobs, cfg)
+    layer = seen[0].layers[0]
+    assert layer.prefix_values.shape[0] == 10 and layer.keys.shape[0] == len(jobs)      # 10 prefixes for the rows of 10 questions
+    monkeypatch.setattr(negatives, 'cascades', lambda v: False)
+    assert reply_shared(vlm, jobs, cfg) == reply_jobs(vlm, jobs, cfg)
+
+def test_interleaved_and_uneven_groups(vlm):
+    "Rows of different questions interleaved, groups of 1 to 3 rows: still each prompt's own replies."
+    jobs = negative_jobs(kept_of(WORLD[:6]), WORLD)
+    jobs = jobs[::2] + jobs[1::2] + [Job(WORLD[7], 'negative', (WORLD[7].answer + 1) % len(WORLD[7].choices))]
+    msgs = [chat(prompt_text(j.sample, j.kind, j.wrong, STYLE)) for j in jobs]
+    imgs, groups, cfg = [j.sample.image for j in jobs], [j.sample.id for j in jobs], GenConfig(max_new_tokens=16)
+    assert generate_shared(vlm, imgs, msgs, groups, cfg) == generate_batch(vlm, imgs, msgs, cfg)
+
+def test_grouped_query_attention():
+    "Fewer key/value heads than query heads (as in many newer models): the cascade gives the plain batch's replies."
+    from transformers import LlavaForConditionalGeneration
+    base = tiny_vlm()
+    c = base.model.config.to_dict(); c['text_config'].update(num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+    torch.manual_seed(3)
+    m = LlavaForConditionalGeneration(type(base.model.config).from_dict(c)).eval()
+    v = VLM(m, base.processor, name='tiny-gqa', style=STYLE)
+    jobs = negative_jobs(kept_of(WORLD[:8]), WORLD)
+    cfg = GenConfig(max_new_tokens=16)
+    plain = reply_jobs(v, jobs, cfg)
+    assert cascades(v) and reply_shared(v, jobs, cfg) == plain and len({r.text for r in plain}) > len(jobs) // 2
+
+def test_prefix_mode_restores_the_attention(vlm):
+    "The language model attends as before after a call, even one that fails."
+    conf = vlm.model.get_decoder().config
+    before = conf._attn_implementation
+    with pytest.raises(RuntimeError):
+        with prefix_mode(vlm, None):
+            assert conf._attn_implementation == 'stl_prefix'
+            raise RuntimeError
+    assert conf._attn_implementation == before
 
 def test_shared_prefix_without_any_padding(vlm):
     "Suffixes of one length and a single question: no padding at all, so generate drops the mask; still identical."
