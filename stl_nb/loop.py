@@ -28,7 +28,8 @@ __all__ = ['METHODS', 'DATASETS', 'WORLD_SIZE', 'Method', 'RunError', 'STLConfig
            'make_data', 'train_round', 'evaluate_round', 'write_metrics', 'log_round', 'run_stl', 'read_scores',
            'paired_gain', 'verdict', 'round_table', 'domain_table', 'draw_run', 'draw_cards', 'report_text',
            'write_report', 'compare_dir', 'share_files', 'mean_run', 'comparison_table', 'compare_rows', 'versus',
-           'write_comparison', 'run_compare', 'cli_config', 'set_threads', 'summary_text', 'stl_run', 'stl_compare']
+           'write_comparison', 'run_compare', 'cli_config', 'set_threads', 'quiet_bars', 'summary_text', 'stl_run',
+           'stl_compare']
 
 # %% ../nbs/10_loop.ipynb #91ac595c
 @dataclass(frozen=True)
@@ -687,6 +688,11 @@ def set_threads(n:int|None=None):
     if n is not None and n < 1: raise RunError(f"threads must be at least 1, not {n}")
     torch.set_num_threads(n or 1)
 
+def quiet_bars():
+    "No progress bars from transformers (loading weights, say); `stl_run --quiet` turns ours off through `progress`."
+    from transformers.utils import logging as hf_logging
+    hf_logging.disable_progress_bar()
+
 def _main(prog:str, f):
     "Run `f`; from the command line, a `RunError` becomes one line on stderr and exit code 2."
     try: return f()
@@ -723,6 +729,7 @@ def stl_run(model:str=None,        # 'embedded' (the shipped tiny VLM; default),
     "Self-train a VLM with See-Think-Learn (or a baseline) and write OUT/metrics.json, OUT/report.md and OUT/plots/."
     def go():
         set_threads(threads)
+        if quiet: quiet_bars()
         cfg = cli_config(model, data, method, rounds, out, seed, quant, limit, test_limit, domains, config)
         print(summary_text(run_stl(cfg, overwrite, progress=not quiet), cfg.out))
     _main('stl_run', go)
@@ -746,6 +753,7 @@ def stl_compare(methods:str='stl,stl-no-caption,stl-no-negatives,stl-no-caption-
     "Run several methods (and seeds) on the same data, then write a domain x method table and figures into OUT."
     def go():
         set_threads(threads)
+        if quiet: quiet_bars()
         try: ss = [int(s) for s in seeds.split(',') if s.strip()]
         except ValueError: raise RunError(f"seeds must be comma-separated integers, not {seeds!r}") from None
         cfg = cli_config(model, data, None, rounds, out, None, quant, limit, test_limit, domains, config)

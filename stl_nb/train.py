@@ -16,6 +16,10 @@ from .templates import chat, positive_prompt, render_rationale, direct_prompt, d
 from .models import VLM, load_vlm
 from .world import make_world
 
+# transformers' own Trainer and peft call a property it has renamed; the warning is not for our users to act on
+warnings.filterwarnings('ignore', message='`is_gradient_checkpointing` is deprecated', category=FutureWarning)
+
+
 # %% auto #0
 __all__ = ['TrainConfig', 'embedded_train_config', 'Example', 'direct_example', 'example_lengths', 'lora_targets', 'lora_config',
            'training_args', 'TrainResult', 'train_qlora', 'eval_loss', 'merge_adapter']
@@ -214,7 +218,9 @@ def train_qlora(vlm:VLM, examples, cfg:TrainConfig=TrainConfig(), out_dir=None, 
         trainer = _trainer_cls()(model=model, args=training_args(cfg, out_dir/'trainer'), train_dataset=examples,
                                  data_collator=_Collate(vlm, cfg.max_length), callbacks=[_crash_points()])
     if cfg.group_by_length: trainer.lengths = lengths
-    if not progress: trainer.args.disable_tqdm = True
+    if not progress:   # the Trainer adds its progress bar as a callback when it is built: take it out
+        from transformers.trainer_callback import ProgressCallback
+        trainer.args.disable_tqdm = True; trainer.remove_callback(ProgressCallback)
     verbosity = hf_logging.get_verbosity(); hf_logging.set_verbosity_error()
     t_train = time.time()
     try:
