@@ -71,10 +71,12 @@ def row(part, what, value, unit, base=None, **extra) -> dict:
 def table(rows, m) -> str:
     head = (f"stl_bench {m['date']}: {m.get('gpu', m['machine'])}, {m['cpus']} CPUs ({m['threads']} torch threads, load {m['load']}), "
             f"python {m['python']}, torch {m['torch']}, transformers {m['transformers']}")
-    lines = [head, f"{'part':<7} {'what':<44} {'value':>10} {'unit':<12} {'ratio':>6}"]
+    lines = [head, f"{'part':<7} {'what':<44} {'value':>10} {'unit':<12} {'ratio':>6}  {'by CPU':>6}  identical"]
     for r in rows:
+        cpu, same = r.get('cpu_ratio'), r.get('identical')
         lines.append(f"{r['part']:<7} {r['what']:<44} {r['value']:>10.3f} {r['unit']:<12} "
-                     f"{'' if r['ratio'] is None else format(r['ratio'], '.2f') + 'x':>6}")
+                     f"{'' if r['ratio'] is None else format(r['ratio'], '.2f') + 'x':>6}  "
+                     f"{'' if cpu is None else format(cpu, '.2f') + 'x':>6}  {'' if same is None else f'{same}/' + str(r.get('replies'))}")
     return '\n'.join(lines)
 
 
@@ -92,11 +94,12 @@ def part_gen(a) -> list:
     out = []
     for rs in (bg.bench_batch(vlm, make_world(a.n, seed=0), cfg, a.repeats), bg.bench_negatives(vlm, four, cfg, a.repeats)):
         base = None
-        for part, what, n, tokens, t, ratio, same in rs:
+        for part, what, n, tokens, t, ratio, same in rs:   # t: (wall, CPU) seconds, as bench_generate's race measures them
             if 'prompt only' in what: continue
-            out.append(row('gen', what, n/t, 'replies/s', base, seconds=round(t, 3), replies=n, tokens=tokens,
-                           identical=same))
-            base = base or n/t
+            wall, cpu = t
+            out.append(row('gen', what, n/wall, 'replies/s', base, seconds=round(wall, 3), cpu_seconds=round(cpu, 3),
+                           cpu_ratio=None if ratio is None else round(ratio[1], 2), replies=n, tokens=tokens, identical=same))
+            base = base or n/wall
     return out
 
 
