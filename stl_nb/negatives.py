@@ -15,6 +15,7 @@ from .world import WorldConfig, hallucinations, missing_needs, mentions_option, 
 from .generate import (GenConfig, Job, run_jobs, reply_jobs, generate, generate_batch, prompt_text, style_of,
                              decoding, replies_of, seeded, on_device, pad_id)
 from .filter import FilterReport, keep_correct, positive_examples, sample_of, index_samples
+from .durable import write_atomic
 
 # %% auto #0
 __all__ = ['AUDIT', 'negative_jobs', 'split_prompts', 'shares_prefix', 'prefix_cache', 'prefix_attention', 'cascades',
@@ -293,5 +294,5 @@ def generate_round(vlm, samples, out_dir, cfg:GenConfig=GenConfig(), caption:boo
     kept_neg, neg_report = keep_correct(neg, samples)
     audit = audit_negatives(kept_neg, samples) if samples and all('scene' in s.meta for s in samples) else None
     rd = RoundData(out, pos, kept, report, neg, kept_neg, neg_report, audit, style_of(vlm))
-    (out/'round.json').write_text(json.dumps(_summary(rd, cfg, neg_cfg, caption, rnd, vlm.name), indent=1))
+    write_atomic(out/'round.json', json.dumps(_summary(rd, cfg, neg_cfg, caption, rnd, vlm.name), indent=1))
     return rd
