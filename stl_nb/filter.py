@@ -13,8 +13,8 @@ from .templates import (PromptStyle, chat, positive_prompt, direct_prompt, parse
 from .generate import record_key
 
 # %% auto #0
-__all__ = ['DROP_REASONS', 'degenerate', 'judge', 'FilterReport', 'index_samples', 'sample_of', 'keep_correct',
-           'positive_examples']
+__all__ = ['DROP_REASONS', 'degenerate', 'conclusion_agrees', 'judge', 'FilterReport', 'index_samples', 'sample_of',
+           'keep_correct', 'positive_examples']
 
 # %% ../nbs/07_filter.ipynb #f8821781
 _LOOP = re.compile(r'(?=((\S.{0,49}?)\2{3,}))', re.S)   # at every position: a unit, then 3 more copies of it
@@ -33,6 +33,7 @@ DROP_REASONS = {
     'missing_explanation': "no EXPLANATION section (negatives)",
     'no_answer': "no option could be read from the conclusion",
     'wrong_answer': "the conclusion names another option than the gold answer",
+    'inconsistent_conclusion': "strict filter only: the conclusion's words are another option than its letter names",
 }
 
 # %% ../nbs/07_filter.ipynb #909aebd0
@@ -49,7 +50,14 @@ def _judge_negative(rec:dict, raw:str) -> str|None:
                   n.explanation is None and 'missing_explanation')
 
 # %% ../nbs/07_filter.ipynb #d3c0c6dc
-def judge(rec:dict, s:Sample) -> str|None:
+def conclusion_agrees(r:Rationale, choices:list) -> bool:
+    "Whether the words after the conclusion's letter, if any, are the text of the option that letter names."
+    if r.answer is None or not r.conclusion: return True
+    words = re.sub(r'^\W*\(?[A-Za-z]\)\W*', '', r.conclusion.strip(), count=1)
+    norm = lambda t: ' '.join(re.findall(r'\w+', t.lower()))
+    return not norm(words) or norm(words) == norm(choices[r.answer])
+
+def judge(rec:dict, s:Sample, strict:bool=False) -> str|None:
     "Why the reply `rec` about `s` is dropped (the first of `DROP_REASONS` that applies), or None to keep it."
     kind, raw = rec['kind'], rec.get('raw') or ''
     if degenerate(raw): return 'degenerate_repetition'
@@ -58,7 +66,9 @@ def judge(rec:dict, s:Sample) -> str|None:
     else: r = parse_rationale(raw, s.choices, caption=kind != 'positive-nocap'); a = r.answer
     cut = rec.get('finished') is False and (r.truncated if r else a is None)
     return _first(cut and 'truncated', r and _caption_reason(r.caption, r.caption_section),
-                  r and r.reasoning is None and 'missing_reasoning', a is None and 'no_answer', a != s.answer and 'wrong_answer')
+                  r and r.reasoning is None and 'missing_reasoning', a is None and 'no_answer', a != s.answer and 'wrong_answer',
+                  strict and r and not conclusion_agrees(r, s.choices) and 'inconsistent_conclusion')
+
 
 # %% ../nbs/07_filter.ipynb #bc027f81
 @dataclass
@@ -108,12 +118,12 @@ def sample_of(by_id:dict, rec:dict) -> Sample:
     return by_id[rec['id']]
 
 # %% ../nbs/07_filter.ipynb #4dbdf9f2
-def keep_correct(records, samples) -> tuple:
-    "(kept records, `FilterReport`): the replies `judge` keeps (right answer, complete, not looping), and why the rest went."
+def keep_correct(records, samples, strict:bool=False) -> tuple:
+    "(kept records, `FilterReport`): the replies `judge` keeps (right answer, complete, not looping; `strict`: see above), and why the rest went."
     by_id, kept, report = index_samples(samples), [], FilterReport()
     for r in records:
         s = sample_of(by_id, r)
-        reason = judge(r, s)
+        reason = judge(r, s, strict)
         report.add(s.domain or '-', reason, record_key(r))
         if reason is None: kept.append(r)
     return kept, report

@@ -22,14 +22,14 @@ from .evaluate import (score, round_row, load_run, plot_rounds, plot_domains, pl
 from .durable import write_atomic
 
 # %% auto #0
-__all__ = ['METHODS', 'DATASETS', 'WORLD_SIZE', 'Method', 'RunError', 'STLConfig', 'embedded_config', 'real_config', 'load_data',
-           'context_size', 'fit_context', 'write_json', 'read_json', 'config_diff', 'prepare_out', 'round_name', 'Run',
-           'load_model', 'check_run', 'check_quant', 'tiny_config', 'examples_of', 'direct_examples', 'rationalize',
-           'make_data', 'train_round', 'evaluate_round', 'write_metrics', 'log_round', 'run_stl', 'read_scores',
-           'paired_gain', 'verdict', 'round_table', 'domain_table', 'draw_run', 'draw_cards', 'report_text',
-           'write_report', 'compare_dir', 'share_files', 'mean_run', 'comparison_table', 'compare_rows', 'versus',
-           'write_comparison', 'run_compare', 'cli_config', 'set_threads', 'quiet_bars', 'summary_text', 'stl_run',
-           'stl_compare']
+__all__ = ['METHODS', 'PAPER_METHODS', 'DATASETS', 'WORLD_SIZE', 'Method', 'RunError', 'STLConfig', 'embedded_config',
+           'real_config', 'load_data', 'context_size', 'fit_context', 'write_json', 'read_json', 'config_diff',
+           'prepare_out', 'round_name', 'Run', 'load_model', 'check_run', 'check_quant', 'tiny_config', 'examples_of',
+           'direct_examples', 'rationalize', 'make_data', 'train_round', 'evaluate_round', 'write_metrics', 'log_round',
+           'run_stl', 'read_scores', 'paired_gain', 'verdict', 'round_table', 'domain_table', 'draw_run', 'draw_cards',
+           'report_text', 'write_report', 'compare_dir', 'share_files', 'mean_run', 'comparison_table', 'compare_rows',
+           'versus', 'write_comparison', 'run_compare', 'cli_config', 'set_threads', 'quiet_bars', 'summary_text',
+           'stl_run', 'stl_compare']
 
 # %% ../nbs/10_loop.ipynb #91ac595c
 @dataclass(frozen=True)
@@ -40,6 +40,7 @@ class Method:
     rationalize: bool = False    # STaR: questions answered wrong get a second try with the gold answer as a hint
     target: str = 'rationale'    # 'rationale' (self-generated) or 'direct' (the gold option alone, nothing generated)
     trains: bool = True          # False: round 0 only (the base model, zero-shot)
+    strict: bool = False         # keep only rationales whose conclusion words match their letter (chapter 07; not in the paper)
     about: str = ''              # one line for the help and the report
 
     def __post_init__(self):
@@ -67,7 +68,9 @@ METHODS = {
     'direct': Method(caption=False, negatives=False, target='direct', about="fine-tune once on the gold answers alone"),
     'star': Method(negatives=False, rationalize=True,
                    about="STaR: rationales answered right, plus hinted second tries (rationalization) trained without the hint"),
+    'stl-strict': Method(strict=True, about="STL whose filter also drops right letters with another option's words (not in the paper)"),
 }
+PAPER_METHODS = ('stl', 'stl-no-caption', 'stl-no-negatives', 'stl-no-caption-no-negatives', 'zero-shot', 'direct', 'star')
 
 # %% ../nbs/10_loop.ipynb #82e64fa7
 class RunError(ValueError):
@@ -363,7 +366,7 @@ def make_data(run:Run, rnd:int) -> list:
     prev = run.adapter(rnd - 1)
     vlm = run.model(prev)
     rd = generate_round(vlm, train, out, run.cfg.gen, caption=m.caption, negatives=m.negatives, rnd=rnd, adapter=prev,
-                        progress=run.progress)
+                        progress=run.progress, strict=m.strict)
     star = rationalize(vlm, rd.kept, train, out, run.cfg.gen, rnd, prev, run.progress) if m.rationalize else []
     return examples_of(rd.kept + star, rd.kept_negatives, train, rd.style)
 
@@ -494,7 +497,7 @@ def draw_run(m:dict, plots:Path) -> list:
         plot_data(m, plots/'data.png', title='examples trained on per round'); figs.append(('examples trained on', 'data.png'))
     return figs
 
-def _kept(path, samples) -> list: return keep_correct(read_records(path), samples)[0] if Path(path).exists() else []
+def _kept(path, samples, strict=False) -> list: return keep_correct(read_records(path), samples, strict)[0] if Path(path).exists() else []
 
 def draw_cards(run:Run, plots:Path) -> list:
     "Rationale cards of the last round: a test question it got right (one the base got wrong if any), one it got wrong, one training question."
@@ -509,7 +512,7 @@ def draw_cards(run:Run, plots:Path) -> list:
         if ids: rationale_card(test[ids[0]], recs[ids[0]]['raw'], path=plots/name, caption=m.caption); cards.append(name)
     if last and m.target == 'rationale':
         train = run.samples('train')
-        pos, neg = _kept(run.dir(last)/'positives.jsonl', train), _kept(run.dir(last)/'negatives.jsonl', train)
+        pos, neg = _kept(run.dir(last)/'positives.jsonl', train, run.method.strict), _kept(run.dir(last)/'negatives.jsonl', train)
         by_id = {s.id: s for s in train}
         if p := next((p for p in pos if any(n['id'] == p['id'] for n in neg)), pos[0] if pos else None):
             n = next((n for n in neg if n['id'] == p['id']), None)
@@ -647,7 +650,7 @@ def write_comparison(out, methods, seeds) -> pd.DataFrame:
     return table
 
 # %% ../nbs/10_loop.ipynb #4cf28add
-def run_compare(cfg:STLConfig, methods=tuple(METHODS), seeds=(0,), out='runs/compare', overwrite:bool=False,
+def run_compare(cfg:STLConfig, methods=PAPER_METHODS, seeds=(0,), out='runs/compare', overwrite:bool=False,
                 progress:bool=True) -> pd.DataFrame:
     "Run each method with each seed on the same data (`OUT/<method>/seed_<s>/`, each resumable), then write the comparison."
     methods, seeds = list(dict.fromkeys(methods)), list(dict.fromkeys(seeds))
@@ -736,7 +739,7 @@ def stl_run(model:str=None,        # 'embedded' (the shipped tiny VLM; default),
 
 # %% ../nbs/10_loop.ipynb #60840523
 @call_parse
-def stl_compare(methods:str='stl,stl-no-caption,stl-no-negatives,stl-no-caption-no-negatives,zero-shot,direct,star',  # comma-separated methods
+def stl_compare(methods:str=','.join(PAPER_METHODS),  # comma-separated methods (any of METHODS; default: the paper's)
                 seeds:str='0',         # comma-separated seeds; every method runs once per seed (zero-shot once)
                 model:str=None,        # as stl_run: 'embedded' (default), a hub id or a folder
                 data:str=None,         # as stl_run: 'embedded' (default), 'm3cot', 'scienceqa' or a folder

@@ -285,11 +285,12 @@ def _summary(rd:RoundData, cfg:GenConfig, neg_cfg:GenConfig, caption:bool, rnd, 
                 negatives=rep(rd.negative_report), audit=None if rd.audit is None else {f: rd.audit.rate(f) for f in AUDIT})
 
 def generate_round(vlm, samples, out_dir, cfg:GenConfig=GenConfig(), caption:bool=True, negatives:bool=True,
-                   neg_cfg:GenConfig|None=None, share_prefix:bool=True, rnd=None, adapter=None, progress:bool=True) -> RoundData:
+                   neg_cfg:GenConfig|None=None, share_prefix:bool=True, rnd=None, adapter=None, progress:bool=True,
+                   strict:bool=False) -> RoundData:
     "A round's generation: positives for `samples`, the correctness filter, negatives of the kept questions, their filter and audit."
     out, neg_cfg, samples = Path(out_dir), neg_cfg or cfg, list(samples)
     pos = generate(vlm, samples, out/'positives.jsonl', cfg, ('positive' if caption else 'positive-nocap',), rnd, adapter, progress)
-    kept, report = keep_correct(pos, samples)
+    kept, report = keep_correct(pos, samples, strict)   # strict: also drop conclusions whose words contradict their letter
     neg = make_negatives(vlm, kept, samples, out/'negatives.jsonl', neg_cfg, caption, share_prefix, rnd, adapter, progress) if negatives else []
     kept_neg, neg_report = keep_correct(neg, samples)
     audit = audit_negatives(kept_neg, samples) if samples and all('scene' in s.meta for s in samples) else None

@@ -31,7 +31,7 @@ def record(s, reason, kind='positive'):
     return make_record(Job(s, kind), Reply(text, 50, finished), PROV)
 
 def test_the_vocabulary_is_fixed_and_every_reason_reachable():
-    assert set(BREAK) - {None} <= set(DROP_REASONS) and len(DROP_REASONS) == 8
+    assert set(BREAK) - {None} <= set(DROP_REASONS) and len(DROP_REASONS) == 9
     for i, (reason, _) in enumerate(BREAK.items()):
         s = WORLD[i]
         assert judge(record(s, reason), s) == reason, reason
@@ -102,3 +102,14 @@ def test_examples_are_hint_free_and_re_rendered():
     assert m2 == chat(positive_prompt(s, caption=False, style=style)) and t2 == ref(s, caption=False)
     assert t3 == f"({s.answer_letter}) {s.answer_text}"
     with pytest.raises(ValueError, match='negative_examples'): positive_examples([dict(star, kind='negative')], WORLD)
+
+def test_strict_drops_right_letters_with_another_options_words():
+    "The strict filter (not in the paper): a right letter whose words are another option's is dropped; nothing else changes."
+    for s in WORLD[:40]:
+        good = record(s, None)
+        other = s.choices[(s.answer + 1) % len(s.choices)]
+        lucky = dict(good, raw=good['raw'].rsplit('CONCLUSION:', 1)[0] + f"CONCLUSION: ({'ABCDEFGH'[s.answer]}) {other}")
+        assert judge(lucky, s) is None and judge(lucky, s, strict=True) == 'inconsistent_conclusion'
+        assert judge(good, s, strict=True) is None
+    recs = [record(s, r) for s, r in zip(WORLD, [None, 'wrong_answer'] * 20)]
+    assert keep_correct(recs, WORLD, strict=True)[1].by_reason == keep_correct(recs, WORLD)[1].by_reason

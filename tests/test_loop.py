@@ -3,7 +3,7 @@ import json, os, shutil, subprocess, sys, time
 from dataclasses import replace
 from pathlib import Path
 import pytest
-from stl_nb.loop import (METHODS, Method, RunError, STLConfig, tiny_config, embedded_config, real_config, run_stl, run_compare,
+from stl_nb.loop import (METHODS, PAPER_METHODS, Method, RunError, STLConfig, tiny_config, embedded_config, real_config, run_stl, run_compare,
                          load_data, prepare_out, config_diff, paired_gain, mean_run, comparison_table, share_files, cli_config)
 from stl_nb.generate import GenConfig, read_records
 from stl_nb.models import _embedded_dir
@@ -46,7 +46,9 @@ def test_config_refusals():
         with pytest.raises(RunError, match=msg): STLConfig(**kw)
 
 def test_methods():
-    assert set(METHODS) == {'stl', 'stl-no-caption', 'stl-no-negatives', 'stl-no-caption-no-negatives', 'zero-shot', 'direct', 'star'}
+    assert set(PAPER_METHODS) == {'stl', 'stl-no-caption', 'stl-no-negatives', 'stl-no-caption-no-negatives', 'zero-shot', 'direct', 'star'}
+    assert set(METHODS) == set(PAPER_METHODS) | {'stl-strict'} and METHODS['stl-strict'].strict
+    assert not any(METHODS[m].strict for m in PAPER_METHODS)
     assert METHODS['star'].rationalize and not METHODS['star'].negatives and METHODS['stl'].negatives
     assert {n for n, m in METHODS.items() if not m.caption} == {'stl-no-caption', 'stl-no-caption-no-negatives', 'direct'}
     with pytest.raises(ValueError): Method(target='answers')
