@@ -8,7 +8,7 @@ import re
 from collections import Counter
 from dataclasses import dataclass, field
 from .data import Sample, SampleError
-from .templates import (PromptStyle, chat, positive_prompt, direct_prompt, parse_rationale, parse_negative,
+from .templates import (Rationale, PromptStyle, chat, positive_prompt, direct_prompt, parse_rationale, parse_negative,
                               parse_answer, render_rationale, direct_target)
 from .generate import record_key
 
