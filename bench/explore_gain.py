@@ -4,12 +4,12 @@
 Ran once on an H200 (`python bench/explore_gain.py explore --out DIR`; results in bench/results/explore-h200.json).
 
   explore  build base variants (GPU), run STL on a validation draw (data_seed 2) for each base and loop variant, in parallel
-  compare  copy the chosen base into the package, run every method x seed on the standard draw (data_seed 1), write the table
+  strict   the stl-strict method on the standard draw (seeds 0-2) and the validation draw (bench/results/strict-h200.json)
   build / run   one job (used by the two above, one subprocess each)
 
 Everything runs in float32 (as on the CPU) so the figures transfer to the CPU default.
 """
-import argparse, json, os, shutil, subprocess, sys, time
+import argparse, json, os, subprocess, sys, time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -124,43 +124,25 @@ def explore(work, out, budget):
     for k, v in s.items(): print(k, v, flush=True)
     return s
 
-def choose(s):
-    "The (base, loop) whose last round gained most on the validation draw (ties: the shipped base, the default loop)."
-    s = {k: v for k, v in s.items() if not k.endswith('L4')}   # L4 is the no-negatives method: informative, not a candidate
-    best = max(s.items(), key=lambda kv: (kv[1]['gain_last'] or -99, kv[0].startswith('B0'), kv[0].endswith('L0')))
-    return best[0].split('-')[0], best[0].split('-', 1)[1]
-
-def compare(work, out, budget, base, loop, seeds, methods):
-    deadline, work = time.time() + budget, Path(work)
-    if base != 'B0':   # the chosen base becomes the package's embedded model in this copy of the tree
-        dst = ROOT/'stl_nb'/'assets'/'embedded'
-        shutil.rmtree(dst); shutil.copytree(work/f'base_{base}', dst)
-    jobs, cmp = [], work/'compare'
-    from stl_nb.loop import compare_dir, METHODS
-    for s in seeds:
-        for m in methods:
-            if not METHODS[m].trains and s != seeds[0]: continue
-            c = make_cfg('embedded', loop, 1, str(compare_dir(cmp, m, s)), seed=s, method=m)
-            jobs.append((f'{m}-{s}', ['run', json.dumps(c.to_dict())], work/f'cmp-{m}-{s}.log', None))
-    done, failed = pool(jobs, deadline, max_par=20)
-    s = summary(cmp)
-    (Path(out)/'compare.json').write_text(json.dumps(dict(base=base, loop=loop, summary=s, failed=sorted(failed)), indent=1))
+def strict(work, out, budget):
+    "The `stl-strict` method (chapter 07's strict filter): seeds 0-2 on the standard draw, and the validation draw."
+    work = Path(work)/'strict'; work.mkdir(parents=True, exist_ok=True)
+    jobs = {'val-strict': make_cfg('embedded', 'L0', 2, str(work/'val-strict'), method='stl-strict', rounds=2)}
+    for s in (0, 1, 2): jobs[f'strict-{s}'] = make_cfg('embedded', 'L0', 1, str(work/'compare'/'stl-strict'/f'seed_{s}'), seed=s, method='stl-strict')
+    done, failed = pool([(k, ['run', json.dumps(c.to_dict())], work/f'{k}.log', None) for k, c in jobs.items()], time.time() + budget)
+    s = summary(work)
+    (Path(out)/'strict.json').write_text(json.dumps(dict(summary=s, failed=sorted(failed)), indent=1))
     for k, v in s.items(): print(k, v, flush=True)
 
 if __name__ == '__main__':
     p = argparse.ArgumentParser()
     p.add_argument('cmd'); p.add_argument('rest', nargs='*')
     p.add_argument('--work', default='/tmp/exp'); p.add_argument('--out', default=os.environ.get('OUT', '/tmp/exp_out'))
-    p.add_argument('--budget', type=float, default=400); p.add_argument('--base'); p.add_argument('--loop')
-    p.add_argument('--seeds', default='0,1,2')
+    p.add_argument('--budget', type=float, default=400)
     a = p.parse_args()
     Path(a.out).mkdir(parents=True, exist_ok=True)
     if a.cmd == 'build': job_build(*a.rest)
     elif a.cmd == 'run': job_run(a.rest[0])
     elif a.cmd == 'explore': explore(a.work, a.out, a.budget)
-    elif a.cmd == 'compare':
-        base, loop = a.base, a.loop
-        if base is None:
-            base, loop = choose(json.loads((Path(a.work)/'explore_summary.json').read_text()))
-        from stl_nb.loop import METHODS
-        compare(a.work, a.out, a.budget, base, loop, [int(x) for x in a.seeds.split(',')], list(METHODS))
+    elif a.cmd == 'strict': strict(a.work, a.out, a.budget)
+    else: p.error(f'unknown command {a.cmd!r}')

@@ -696,9 +696,12 @@ def quiet_bars():
     from transformers.utils import logging as hf_logging
     hf_logging.disable_progress_bar()
 
-def _main(prog:str, f):
-    "Run `f`; from the command line, a `RunError` becomes one line on stderr and exit code 2."
-    try: return f()
+def _main(prog:str, f, threads:int|None=None, quiet:bool=False):
+    "Set the threads and bars, run `f`; from the command line, a `RunError` becomes one line on stderr and exit code 2."
+    try:
+        set_threads(threads)
+        if quiet: quiet_bars()
+        return f()
     except RunError as e:
         if not is_cli(): raise
         print(f"{prog}: error: {e}", file=sys.stderr); sys.exit(2)
@@ -717,7 +720,7 @@ def summary_text(m:dict, out) -> str:
 @call_parse
 def stl_run(model:str=None,        # 'embedded' (the shipped tiny VLM; default), a hub id (Qwen/Qwen2.5-VL-7B-Instruct, llava-hf/llava-1.5-7b-hf) or a folder
             data:str=None,         # 'embedded' (the built-in world; default), 'm3cot', 'scienceqa', or a folder with train/ and test/
-            method:str=None,       # stl (default), stl-no-caption, stl-no-negatives, stl-no-caption-no-negatives, zero-shot, direct or star
+            method:str=None,       # stl (default), stl-no-caption, stl-no-negatives, stl-no-caption-no-negatives, zero-shot, direct, star or stl-strict
             rounds:int=None,       # self-training rounds after round 0 (default 3)
             out:str=None,          # output folder (default runs/<method>); the same command on the same folder resumes
             seed:int=None,         # seed of LoRA initialisation, batch order and sampling (default 0)
@@ -731,11 +734,9 @@ def stl_run(model:str=None,        # 'embedded' (the shipped tiny VLM; default),
             quiet:bool=False):     # no progress bars or per-round lines
     "Self-train a VLM with See-Think-Learn (or a baseline) and write OUT/metrics.json, OUT/report.md and OUT/plots/."
     def go():
-        set_threads(threads)
-        if quiet: quiet_bars()
         cfg = cli_config(model, data, method, rounds, out, seed, quant, limit, test_limit, domains, config)
         print(summary_text(run_stl(cfg, overwrite, progress=not quiet), cfg.out))
-    _main('stl_run', go)
+    _main('stl_run', go, threads, quiet)
 
 # %% ../nbs/10_loop.ipynb #60840523
 @call_parse
@@ -755,11 +756,9 @@ def stl_compare(methods:str=','.join(PAPER_METHODS),  # comma-separated methods 
                 quiet:bool=False):     # no progress bars or per-round lines
     "Run several methods (and seeds) on the same data, then write a domain x method table and figures into OUT."
     def go():
-        set_threads(threads)
-        if quiet: quiet_bars()
         try: ss = [int(s) for s in seeds.split(',') if s.strip()]
         except ValueError: raise RunError(f"seeds must be comma-separated integers, not {seeds!r}") from None
         cfg = cli_config(model, data, None, rounds, out, None, quant, limit, test_limit, domains, config)
         table = run_compare(cfg, [m.strip() for m in methods.split(',') if m.strip()], ss, out, overwrite, not quiet)
         print(markdown_table(table), f"\n\ncomparison: {Path(out)/'compare.md'}", sep='')
-    _main('stl_compare', go)
+    _main('stl_compare', go, threads, quiet)
