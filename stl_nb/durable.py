@@ -9,7 +9,8 @@ from collections import Counter
 from pathlib import Path
 
 # %% auto #0
-__all__ = ['FAULT_ENV', 'FAULT_POINTS', 'write_atomic', 'fsync_tree', 'parse_faults', 'fault_point']
+__all__ = ['FAULT_ENV', 'FAULT_POINTS', 'write_atomic', 'fsync_tree', 'parse_faults', 'fault_point', 'launch_state',
+           'process_info', 'is_main', 'barrier', 'rank_path']
 
 # %% ../nbs/00a_durable.ipynb #d08ca6ef
 def write_atomic(path, text:str) -> Path:
@@ -58,3 +59,29 @@ def fault_point(name:str):
     if parse_faults(spec).get(name) == _hits[name]:
         if hasattr(signal, 'SIGKILL'): os.kill(os.getpid(), signal.SIGKILL)
         os._exit(137)
+
+# %% ../nbs/00a_durable.ipynb #ead16162
+def launch_state():
+    "accelerate's `PartialState` of this process; on a machine without a GPU its CPU (gloo) form, as the Trainer makes it."
+    import torch
+    from accelerate import PartialState
+    return PartialState(cpu=not torch.cuda.is_available())
+
+def process_info() -> tuple:
+    "(rank, number of processes): (0, 1) in a plain process; accelerate's view under a launcher that sets `WORLD_SIZE`."
+    if int(os.environ.get('WORLD_SIZE', '1')) <= 1: return 0, 1
+    s = launch_state()
+    return s.process_index, s.num_processes
+
+def is_main() -> bool:
+    "Whether this process writes the run's shared files: rank 0, or the only process."
+    return process_info()[0] == 0
+
+def barrier():
+    "Wait until every launched process has reached this point (at once in a plain process)."
+    if process_info()[1] > 1: launch_state().wait_for_everyone()
+
+def rank_path(out, rank:int) -> Path:
+    "The file rank `rank` writes before the merge: `x.jsonl` -> `x.rank1.jsonl`."
+    out = Path(out)
+    return out.with_name(f'{out.stem}.rank{rank}{out.suffix}')

@@ -10,7 +10,7 @@ from dataclasses import dataclass, asdict, fields
 from itertools import groupby
 from pathlib import Path
 from typing import NamedTuple
-from .durable import fault_point
+from .durable import barrier, fault_point, process_info, rank_path, write_atomic
 from .data import Sample, letter
 from .templates import (PromptStyle, chat, positive_prompt, negative_prompt, direct_prompt, star_prompt,
                               parse_rationale, parse_negative, parse_answer)
@@ -18,7 +18,8 @@ from .templates import (PromptStyle, chat, positive_prompt, negative_prompt, dir
 # %% auto #0
 __all__ = ['PROMPT_KINDS', 'PARSED', 'GenConfig', 'style_of', 'prompt_text', 'parse_reply', 'Job', 'record_key', 'jobs_for',
            'batches', 'Reply', 'decoding', 'pad_id', 'replies_of', 'seeded', 'on_device', 'generate_batch',
-           'make_record', 'read_records', 'reply_jobs', 'batch_seed', 'run_jobs', 'generate', 'records_dataset']
+           'make_record', 'read_records', 'reply_jobs', 'batch_seed', 'run_jobs', 'generate', 'share_jobs',
+           'merge_parts', 'run_shared', 'records_dataset']
 
 # %% ../nbs/06_generate.ipynb #e6572c59
 @dataclass(frozen=True)
@@ -231,9 +232,14 @@ def _bar(total:int, initial:int, desc:str, progress:bool):
 def run_jobs(vlm, jobs:list, out, cfg:GenConfig=GenConfig(), replies=reply_jobs, rnd=None, adapter=None,
              progress:bool=True, on_batch=None) -> list:
     "Generate `jobs` into the JSONL file `out` batch by batch, skipping records it holds; all the jobs' records, in job order."
+    if process_info()[1] > 1: return run_shared(vlm, jobs, out, cfg, replies, rnd, adapter, progress, on_batch)   # see below
+    return _run_here(vlm, jobs, out, cfg, replies, rnd, adapter, progress, on_batch)
+
+def _run_here(vlm, jobs:list, out, cfg:GenConfig, replies, rnd, adapter, progress, on_batch, held=None, point=None) -> list:
+    "`run_jobs` in this process; `held`: records already made elsewhere, `point`: the crash point's name (default: the file's)."
     out, prov = Path(out), _provenance(vlm, cfg, rnd, adapter)
     _check_unique(jobs)
-    done = _by_key(read_records(out, repair=True), out)
+    done = (held or {}) | _by_key(read_records(out, repair=True), out)
     _check_same_run(done.values(), prov, out)
     todo = [b for b in batches(jobs, cfg.batch_size) if any(j.key not in done for j in b)]
     if vlm.model is not None: vlm.model.eval()
@@ -244,17 +250,56 @@ def run_jobs(vlm, jobs:list, out, cfg:GenConfig=GenConfig(), replies=reply_jobs,
             if len(rs) != len(b): raise RuntimeError(f"{replies.__name__} gave {len(rs)} replies for {len(b)} jobs")
             new = [make_record(j, r, prov) for j, r in zip(b, rs) if j.key not in done]
             _append(f, new); done.update((record_key(r), r) for r in new); bar.update(len(new))
-            fault_point(out.stem)   # crash point 'positives', 'negatives', 'test', ... (chapter 00a)
+            fault_point(point or out.stem)   # crash point 'positives', 'negatives', 'test', ... (chapter 00a)
             if on_batch: on_batch(new)
     return [done[j.key] for j in jobs]
 
 # %% ../nbs/06_generate.ipynb #068f00c8
 def generate(vlm, samples, out, cfg:GenConfig=GenConfig(), kinds=('positive',), rnd=None, adapter=None,
-             progress:bool=True, on_batch=None) -> list:
-    "Replies of `vlm` to every sample in each prompt kind of `kinds`, `cfg.n` each, written to (and resumed from) `out`."
+             progress:bool=True, on_batch=None, replies=None) -> list:
+    "Replies of `vlm` to every sample in each prompt kind of `kinds`, `cfg.n` each, written to (and resumed from) `out`; `replies`: another engine (06a)."
     if bad := [k for k in kinds if k not in PROMPT_KINDS or k.startswith('negative')]:
         raise ValueError(f"kinds {bad}: `generate` takes {PROMPT_KINDS[:4]}; negatives come from stl_nb.negatives.make_negatives")
-    return run_jobs(vlm, jobs_for(samples, kinds, cfg.n), out, cfg, reply_jobs, rnd, adapter, progress, on_batch)
+    return run_jobs(vlm, jobs_for(samples, kinds, cfg.n), out, cfg, replies or reply_jobs, rnd, adapter, progress, on_batch)
+
+# %% ../nbs/06_generate.ipynb #6d9f211d
+def share_jobs(jobs:list, rank:int, world:int) -> list:
+    "Rank `rank`'s share of `jobs`: the jobs of every `world`-th question (in order of first appearance), starting at the `rank`-th."
+    if not 0 <= rank < world: raise ValueError(f"rank {rank} is not in 0..{world - 1}")
+    mine = set(list(dict.fromkeys(j.sample.id for j in jobs))[rank::world])
+    return [j for j in jobs if j.sample.id in mine]
+
+def _parts(out:Path) -> list: return sorted(out.parent.glob(f'{out.stem}.rank*{out.suffix}'))
+
+def merge_parts(jobs:list, out) -> list:
+    "Merge the rank files of `out` into it: the jobs' records in job order, then other records it held; each key once. The merged records."
+    out = Path(out)
+    parts, held = _parts(out), read_records(out, repair=True)
+    recs = {}
+    for r in held + [r for p in parts for r in read_records(p, repair=True)]:
+        recs.setdefault(record_key(r), r)   # a key in two files (a resume with another number of processes): the first one
+    keys = [j.key for j in jobs]; ks = set(keys)
+    order = [k for k in keys if k in recs] + [record_key(r) for r in held if record_key(r) not in ks]
+    write_atomic(out, ''.join(json.dumps(recs[k], ensure_ascii=False) + '\n' for k in order))
+    for p in parts: p.unlink()
+    return [recs[k] for k in order]
+
+def run_shared(vlm, jobs:list, out, cfg:GenConfig=GenConfig(), replies=reply_jobs, rnd=None, adapter=None,
+               progress:bool=True, on_batch=None) -> list:
+    "`run_jobs` among the launched processes: each generates its share into its own file, the main one merges them into `out`."
+    out, (rank, world) = Path(out), process_info()
+    _check_unique(jobs)
+    if rank == 0 and (out.exists() or _parts(out)): merge_parts(jobs, out)   # what an interrupted run left, in one file
+    barrier()
+    held = _by_key(read_records(out), out)
+    _check_same_run(held.values(), _provenance(vlm, cfg, rnd, adapter), out)
+    _run_here(vlm, share_jobs(jobs, rank, world), rank_path(out, rank), cfg, replies, rnd, adapter, progress and rank == 0,
+              on_batch, held, point=out.stem)
+    barrier()
+    if rank == 0: merge_parts(jobs, out)
+    barrier()
+    done = _by_key(read_records(out), out)
+    return [done[j.key] for j in jobs]
 
 # %% ../nbs/06_generate.ipynb #953f3100
 def records_dataset(path):

@@ -4,7 +4,7 @@
 
 # %% ../nbs/10_loop.ipynb #01af1287
 from __future__ import annotations
-import gc, json, math, os, random, re, shutil, statistics, sys, time
+import gc, importlib.util, json, math, os, random, re, shutil, statistics, sys, time
 from dataclasses import dataclass, field, asdict, replace, fields
 from pathlib import Path
 import pandas as pd
@@ -19,7 +19,8 @@ from .filter import keep_correct, positive_examples
 from .negatives import generate_round, negative_examples
 from .evaluate import (score, round_row, load_run, plot_rounds, plot_domains, plot_data, rationale_card, markdown_table,
                              method_colours)
-from .durable import write_atomic
+from .durable import barrier, is_main, write_atomic
+from .vllm import processor_vlm, vllm_backend, vllm_engine
 
 # %% auto #0
 __all__ = ['METHODS', 'PAPER_METHODS', 'DATASETS', 'WORLD_SIZE', 'Method', 'RunError', 'STLConfig', 'embedded_config',
@@ -94,6 +95,7 @@ class STLConfig:
     train: TrainConfig = TrainConfig()   # LoRA and optimizer settings of each round's fine-tuning
     gen: GenConfig = GenConfig()         # decoding of rationales and negatives on the training questions
     eval_gen: GenConfig = GenConfig()    # decoding of the answers to the test questions (greedy)
+    backend: str = 'hf'               # the generation engine: 'hf' (transformers, chapter 06) or 'vllm' (chapter 06a; GPU)
     out: str = 'runs/stl'             # the run's folder
 
     def __post_init__(self):
@@ -101,6 +103,7 @@ class STLConfig:
         object.__setattr__(self, 'domains', tuple(self.domains))
         if self.method not in METHODS: raise RunError(f"unknown method {self.method!r}; one of {', '.join(METHODS)}")
         if self.quant not in (None, '4bit'): raise RunError(f"quant must be '4bit' or None, not {self.quant!r}")
+        if self.backend not in ('hf', 'vllm'): raise RunError(f"backend must be 'hf' or 'vllm', not {self.backend!r}")
         if self.rounds < 0: raise RunError(f"rounds must be 0 or more, not {self.rounds}")
         for k in ('limit', 'test_limit'):
             if getattr(self, k) is not None and getattr(self, k) < 1: raise RunError(f"{k} must be at least 1 (or None for all)")
@@ -234,19 +237,28 @@ def config_diff(old:dict, new:dict) -> list:
     a, b = _flat(old), _flat(new)
     return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if k.split('.')[0] not in _FREE and a.get(k) != b.get(k)]
 
+def _filled(d:dict) -> dict:
+    "A saved config with the fields added to `STLConfig` since it was written at their defaults (as is, if it cannot be read)."
+    try: return STLConfig.from_dict(d).to_dict()
+    except (RunError, TypeError, ValueError): return d
+
 def prepare_out(cfg:STLConfig, overwrite:bool=False) -> Path:
     "The run's folder, ready: new, or holding this config's run (to resume); another config's run is refused unless `overwrite`."
     out = Path(cfg.out)
-    if (out/'config.json').exists():
-        diff = config_diff(read_json(out/'config.json'), cfg.to_dict())
+    held = (out/'config.json').exists()
+    if held:
+        diff = config_diff(_filled(read_json(out/'config.json')), cfg.to_dict())
         if diff and not overwrite:
             raise RunError(f"{out} holds a run of another config ({'; '.join(diff[:4])}{' ...' if len(diff) > 4 else ''}); "
                            "use another out, or overwrite to delete it and start again")
-        if overwrite: shutil.rmtree(out)
     elif out.exists() and any(out.iterdir()):
         raise RunError(f"{out} is not empty and holds no run (no config.json); use another out")
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(out/'config.json', cfg.to_dict())
+    barrier()              # launched as several processes: every one has looked before the main one changes anything
+    if is_main():
+        if held and overwrite: shutil.rmtree(out)
+        out.mkdir(parents=True, exist_ok=True)
+        write_json(out/'config.json', cfg.to_dict())
+    barrier()
     return out
 
 # %% ../nbs/10_loop.ipynb #c7f75f6d
@@ -261,6 +273,8 @@ class Run:
     data: dict = field(default_factory=dict, repr=False)   # {'train': Samples, 'test': Samples}
     vlm: object = field(default=None, repr=False)          # the model in memory
     holds: object = field(default=False, repr=False)       # which: None (the base), an adapter's name, False (none)
+    engine: object = field(default=None, repr=False)       # backend 'vllm': the run's engine and its processor-only VLM
+    lora_ids: dict = field(default_factory=dict, repr=False)  # backend 'vllm': {adapter folder: its LoRA id}
 
     @property
     def method(self) -> Method: return METHODS[self.cfg.method]
@@ -293,6 +307,16 @@ class Run:
             self.vlm, self.holds = load_model(self.cfg, None if adapter is None else self.out/adapter), adapter
         return self.vlm
 
+    def generator(self, adapter:str|None=None) -> tuple:
+        "(vlm, replies) that generate with round `adapter`'s model: backend 'hf', the model in memory and the library's own batches (replies None); 'vllm', the run's one engine with that adapter, the VLM only rendering prompts."
+        if self.cfg.backend == 'hf': return self.model(adapter), None
+        if self.engine is None:
+            self.free()
+            self.engine = (vllm_engine(self.cfg.model, self.cfg.train.lora_r, self.cfg.seed), processor_vlm(self.cfg.model))
+        path = None if adapter is None else str((self.out/adapter).resolve())
+        lora_id = self.lora_ids.setdefault(path, len(self.lora_ids) + 1) if path else 1   # one id per adapter, never reused
+        return self.engine[1], vllm_backend(self.engine[0], path, lora_id)
+
     def base(self):
         "The base model, handed over to training (which changes it): the one in memory if it is the base, else a fresh load."
         vlm = self.model(None)
@@ -314,12 +338,14 @@ def load_model(cfg:STLConfig, adapter=None):
     return vlm if adapter is None else merge_adapter(vlm)
 
 def check_run(cfg:STLConfig):
-    "Refuse up front what cannot run: a model or data name that is none of the known kinds, 4-bit without bitsandbytes."
+    "Refuse up front what cannot run: a model or data name that is none of the known kinds, 4-bit without bitsandbytes, vLLM absent."
     if cfg.model != 'embedded' and not Path(cfg.model).is_dir() and not re.fullmatch(r'[\w.-]+/[\w.-]+', cfg.model):
         raise RunError(f"model {cfg.model!r}: not 'embedded', an existing folder or a hub id (org/name)")
     if cfg.data not in DATASETS and not Path(cfg.data).exists():
         raise RunError(f"unknown data {cfg.data!r}: one of {', '.join(DATASETS)} or an existing folder")
     check_quant(cfg.quant)
+    if cfg.backend == 'vllm' and importlib.util.find_spec('vllm') is None:
+        raise RunError("backend 'vllm' needs vLLM, which is not installed: `pip install vllm` on a machine with a GPU, or use backend 'hf'")
 
 def check_quant(quant):
     "Refuse '4bit' where bitsandbytes cannot run: not installed, or without a backend for this machine."
@@ -351,11 +377,11 @@ def direct_examples(samples, style) -> list:
     "The `direct` baseline's examples: every question, its gold option as the target."
     return [Example(s.image, chat(direct_prompt(s, style)), direct_target(s), 'direct', s.id) for s in samples]
 
-def rationalize(vlm, kept:list, samples, out_dir, cfg:GenConfig, rnd=None, adapter=None, progress:bool=True) -> list:
+def rationalize(vlm, kept:list, samples, out_dir, cfg:GenConfig, rnd=None, adapter=None, progress:bool=True, replies=None) -> list:
     "STaR's second chance: the questions not answered right, asked again with the gold answer as a hint; the replies that reach it."
     right = {r['id'] for r in kept}
     recs = generate(vlm, [s for s in samples if s.id not in right], Path(out_dir)/'rationalized.jsonl', cfg, ('star',),
-                    rnd, adapter, progress)
+                    rnd, adapter, progress, replies=replies)
     return keep_correct(recs, samples)[0]
 
 # %% ../nbs/10_loop.ipynb #1619fa77
@@ -364,10 +390,10 @@ def make_data(run:Run, rnd:int) -> list:
     m, train, out = run.method, run.samples('train'), run.dir(rnd)
     if m.target == 'direct': return direct_examples(train, style_of(run.model(None)))
     prev = run.adapter(rnd - 1)
-    vlm = run.model(prev)
+    vlm, replies = run.generator(prev)
     rd = generate_round(vlm, train, out, run.cfg.gen, caption=m.caption, negatives=m.negatives, rnd=rnd, adapter=prev,
-                        progress=run.progress, strict=m.strict)
-    star = rationalize(vlm, rd.kept, train, out, run.cfg.gen, rnd, prev, run.progress) if m.rationalize else []
+                        progress=run.progress, strict=m.strict, replies=replies)
+    star = rationalize(vlm, rd.kept, train, out, run.cfg.gen, rnd, prev, run.progress, replies) if m.rationalize else []
     return examples_of(rd.kept + star, rd.kept_negatives, train, rd.style)
 
 # %% ../nbs/10_loop.ipynb #cc3a1225
@@ -392,25 +418,27 @@ def train_round(run:Run, rnd:int, examples:list) -> str|None:
 def evaluate_round(run:Run, rnd:int, adapter:str|None, examples:list, t0:float) -> dict:
     "Score round `rnd`'s model on the test split with the method's prompt; write `round_k/metrics.json`, its row."
     test, kind, d = run.samples('test'), run.method.kind, run.dir(rnd)
-    recs = generate(run.model(adapter), test, d/'test.jsonl', run.cfg.eval_gen, (kind,), rnd, adapter, run.progress)
+    vlm, replies = run.generator(adapter)
+    recs = generate(vlm, test, d/'test.jsonl', run.cfg.eval_gen, (kind,), rnd, adapter, run.progress, replies=replies)
     sc = score(recs, test, caption=run.method.caption, kind=kind)
-    write_atomic(d/'scores.csv', sc.frame().to_csv())
+    if is_main(): write_atomic(d/'scores.csv', sc.frame().to_csv())
     neg = sum(e.kind.startswith('negative') for e in examples)
     row = round_row(sc, rnd, len(examples) - neg, neg, round(time.time() - t0, 1))
     row |= dict(adapter=adapter, n_rationalized=sum(e.kind == 'star' for e in examples))
-    write_json(d/'metrics.json', row)
+    if is_main(): write_json(d/'metrics.json', row)
+    barrier()              # every process reads this round's metrics next
     return row
 
 # %% ../nbs/10_loop.ipynb #ca21108e
 def write_metrics(run:Run) -> dict:
     "`OUT/metrics.json`: the method, the config and the row of every finished round."
     m = dict(method=run.cfg.method, config=run.cfg.to_dict(), rounds=[run.row(r) for r in range(run.n_rounds + 1) if run.done(r)])
-    write_json(run.out/'metrics.json', m)
+    if is_main(): write_json(run.out/'metrics.json', m)
     return m
 
 def log_round(run:Run, row:dict):
     "One line per finished round, when the run shows progress."
-    if not run.progress: return
+    if not run.progress or not is_main(): return
     base = '' if row['round'] == 0 else f" (round 0: {100*run.row(0)['accuracy']:.1f}%)"
     data = '' if row['round'] == 0 else f", trained on {row['n_positive']} positives + {row['n_negative']} negatives"
     print(f"[{run.cfg.method}] round {row['round']}: accuracy {100*row['accuracy']:.1f}%{base}{data}, {row['seconds']/60:.1f} min", flush=True)
@@ -423,7 +451,7 @@ def run_stl(cfg:STLConfig, overwrite:bool=False, progress:bool=True) -> dict:
     if overwrite or not (run.out/'config.json').exists():
         for split in ('test', 'train')[:1 + run.method.trains]: run.samples(split)   # bad data fails before the folder is made
     prepare_out(cfg, overwrite)
-    if run.data: write_atomic(run.out/'data.md', '\n\n'.join(s.report() for s in run.data.values()) + '\n')   # what was rejected, and why
+    if run.data and is_main(): write_atomic(run.out/'data.md', '\n\n'.join(s.report() for s in run.data.values()) + '\n')   # what was rejected, and why
     for rnd in range(run.n_rounds + 1):
         if run.done(rnd): continue
         t0, ran = time.time(), True
@@ -432,8 +460,9 @@ def run_stl(cfg:STLConfig, overwrite:bool=False, progress:bool=True) -> dict:
         log_round(run, evaluate_round(run, rnd, adapter, examples, t0))   # score on the test split
         write_metrics(run)
     write_metrics(run)
-    write_report(run, redraw=ran)
+    if is_main(): write_report(run, redraw=ran)
     run.free()
+    barrier()
     return load_run(run.out)
 
 # %% ../nbs/10_loop.ipynb #ad931079
@@ -662,21 +691,24 @@ def run_compare(cfg:STLConfig, methods=PAPER_METHODS, seeds=(0,), out='runs/comp
             if not (METHODS[m].trains or not cfg.eval_gen.greedy or s == seeds[0]): continue   # zero-shot: once
             c = replace(cfg, method=m, seed=s, out=str(compare_dir(out, m, s)))
             prepare_out(c, overwrite)
-            share_files(c, done)
+            if is_main(): share_files(c, done)
+            barrier()
             run_stl(c, progress=progress)
             done.append(c.out)
-    return write_comparison(out, methods, seeds)
+    table = write_comparison(out, methods, seeds) if is_main() else None   # launched: the main process writes it
+    barrier()
+    return table
 
 # %% ../nbs/10_loop.ipynb #6d84e413
 def cli_config(model=None, data=None, method=None, rounds=None, out=None, seed=None, quant=None, limit=None, test_limit=None,
-               domains=None, config=None) -> STLConfig:
+               domains=None, config=None, backend=None) -> STLConfig:
     "The config a command line asks for: `--config` or the preset of the model, then every flag given."
     try:
         if config: base = STLConfig.from_dict(read_json(config))
         elif (model or 'embedded') == 'embedded': base = embedded_config()
         else: base = real_config(model, data or 'm3cot')
         over = {k: v for k, v in dict(model=model, data=data, method=method, rounds=rounds, seed=seed, limit=limit,
-                                      test_limit=test_limit).items() if v is not None}
+                                      test_limit=test_limit, backend=backend).items() if v is not None}
         if quant is not None: over['quant'] = None if quant.lower() in ('none', '') else quant
         if domains: over['domains'] = tuple(d.strip() for d in domains.split(',') if d.strip())
         cfg = replace(base, **over)
@@ -730,12 +762,14 @@ def stl_run(model:str=None,        # 'embedded' (the shipped tiny VLM; default),
             domains:str=None,      # comma-separated domains to keep, e.g. science_natural (the paper trains one model per domain)
             config:str=None,       # a config.json to start from (an earlier run's, say); the flags given override it
             overwrite:bool=False,  # if OUT holds a run of another config, delete it and start again
+            backend:str=None,      # generation engine: 'hf' (transformers; default) or 'vllm' (needs vLLM and a GPU)
             threads:int=None,      # CPU threads for torch (default 1 without a GPU: faster on the tiny model when other programs share the cores)
             quiet:bool=False):     # no progress bars or per-round lines
     "Self-train a VLM with See-Think-Learn (or a baseline) and write OUT/metrics.json, OUT/report.md and OUT/plots/."
     def go():
-        cfg = cli_config(model, data, method, rounds, out, seed, quant, limit, test_limit, domains, config)
-        print(summary_text(run_stl(cfg, overwrite, progress=not quiet), cfg.out))
+        cfg = cli_config(model, data, method, rounds, out, seed, quant, limit, test_limit, domains, config, backend)
+        m = run_stl(cfg, overwrite, progress=not quiet)
+        if is_main(): print(summary_text(m, cfg.out))
     _main('stl_run', go, threads, quiet)
 
 # %% ../nbs/10_loop.ipynb #60840523
@@ -752,13 +786,14 @@ def stl_compare(methods:str=','.join(PAPER_METHODS),  # comma-separated methods 
                 domains:str=None,      # comma-separated domains to keep
                 config:str=None,       # a config.json to start from; the flags given override it
                 overwrite:bool=False,  # delete runs of another config in OUT and start them again
+                backend:str=None,      # as stl_run: 'hf' (default) or 'vllm'
                 threads:int=None,      # CPU threads for torch (default 1 without a GPU: faster on the tiny model when other programs share the cores)
                 quiet:bool=False):     # no progress bars or per-round lines
     "Run several methods (and seeds) on the same data, then write a domain x method table and figures into OUT."
     def go():
         try: ss = [int(s) for s in seeds.split(',') if s.strip()]
         except ValueError: raise RunError(f"seeds must be comma-separated integers, not {seeds!r}") from None
-        cfg = cli_config(model, data, None, rounds, out, None, quant, limit, test_limit, domains, config)
+        cfg = cli_config(model, data, None, rounds, out, None, quant, limit, test_limit, domains, config, backend)
         table = run_compare(cfg, [m.strip() for m in methods.split(',') if m.strip()], ss, out, overwrite, not quiet)
-        print(markdown_table(table), f"\n\ncomparison: {Path(out)/'compare.md'}", sep='')
+        if is_main(): print(markdown_table(table), f"\n\ncomparison: {Path(out)/'compare.md'}", sep='')
     _main('stl_compare', go, threads, quiet)

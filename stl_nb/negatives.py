@@ -15,7 +15,7 @@ from .world import WorldConfig, hallucinations, missing_needs, mentions_option, 
 from .generate import (GenConfig, Job, run_jobs, reply_jobs, generate, generate_batch, prompt_text, style_of,
                              decoding, replies_of, seeded, on_device, pad_id)
 from .filter import FilterReport, keep_correct, positive_examples, sample_of, index_samples
-from .durable import write_atomic
+from .durable import is_main, write_atomic
 
 # %% auto #0
 __all__ = ['AUDIT', 'negative_jobs', 'split_prompts', 'shares_prefix', 'prefix_cache', 'prefix_attention', 'cascades',
@@ -194,10 +194,10 @@ def reply_shared(vlm, jobs:list, cfg:GenConfig, seed:int=0) -> list:
     return generate_shared(vlm, [j.sample.image for j in jobs], msgs, [j.sample.id for j in jobs], cfg, seed)
 
 def make_negatives(vlm, kept:list, samples, out, cfg:GenConfig=GenConfig(), caption:bool=True, share_prefix:bool=True,
-                   rnd=None, adapter=None, progress:bool=True, on_batch=None) -> list:
-    "Negative records for every wrong option of the `kept` records' questions, written to (and resumed from) `out`."
+                   rnd=None, adapter=None, progress:bool=True, on_batch=None, replies=None) -> list:
+    "Negative records for every wrong option of the `kept` records' questions, written to (and resumed from) `out`; `replies`: another engine (06a)."
     jobs = negative_jobs(kept, samples, cfg.n, caption)
-    return run_jobs(vlm, jobs, out, cfg, reply_shared if share_prefix else reply_jobs, rnd, adapter, progress, on_batch)
+    return run_jobs(vlm, jobs, out, cfg, replies or (reply_shared if share_prefix else reply_jobs), rnd, adapter, progress, on_batch)
 
 # %% ../nbs/08_negatives.ipynb #8db4df1f
 def _negative_example(r:dict, s:Sample, style:PromptStyle) -> tuple:
@@ -286,14 +286,16 @@ def _summary(rd:RoundData, cfg:GenConfig, neg_cfg:GenConfig, caption:bool, rnd, 
 
 def generate_round(vlm, samples, out_dir, cfg:GenConfig=GenConfig(), caption:bool=True, negatives:bool=True,
                    neg_cfg:GenConfig|None=None, share_prefix:bool=True, rnd=None, adapter=None, progress:bool=True,
-                   strict:bool=False) -> RoundData:
+                   strict:bool=False, replies=None) -> RoundData:
     "A round's generation: positives for `samples`, the correctness filter, negatives of the kept questions, their filter and audit."
     out, neg_cfg, samples = Path(out_dir), neg_cfg or cfg, list(samples)
-    pos = generate(vlm, samples, out/'positives.jsonl', cfg, ('positive' if caption else 'positive-nocap',), rnd, adapter, progress)
+    pos = generate(vlm, samples, out/'positives.jsonl', cfg, ('positive' if caption else 'positive-nocap',), rnd, adapter, progress,
+                   replies=replies)
     kept, report = keep_correct(pos, samples, strict)   # strict: also drop conclusions whose words contradict their letter
-    neg = make_negatives(vlm, kept, samples, out/'negatives.jsonl', neg_cfg, caption, share_prefix, rnd, adapter, progress) if negatives else []
+    neg = make_negatives(vlm, kept, samples, out/'negatives.jsonl', neg_cfg, caption, share_prefix, rnd, adapter, progress,
+                         replies=replies) if negatives else []
     kept_neg, neg_report = keep_correct(neg, samples)
     audit = audit_negatives(kept_neg, samples) if samples and all('scene' in s.meta for s in samples) else None
     rd = RoundData(out, pos, kept, report, neg, kept_neg, neg_report, audit, style_of(vlm))
-    write_atomic(out/'round.json', json.dumps(_summary(rd, cfg, neg_cfg, caption, rnd, vlm.name), indent=1))
+    if is_main(): write_atomic(out/'round.json', json.dumps(_summary(rd, cfg, neg_cfg, caption, rnd, vlm.name), indent=1))
     return rd

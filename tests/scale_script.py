@@ -1,4 +1,4 @@
-"Run by tests/test_scale.py under `accelerate launch --multi_gpu --num_processes 2` on the CPU: sharded generation, then DDP training."
+"Run by tests/test_scale.py under `accelerate launch --multi_gpu --num_processes 2` on the CPU: `generate` (shared out by question), then DDP training."
 import json, sys, warnings
 from pathlib import Path
 warnings.filterwarnings('ignore')
@@ -6,18 +6,18 @@ import torch
 torch.set_num_threads(1)
 from transformers.utils import logging as hf_logging
 hf_logging.disable_progress_bar(); hf_logging.set_verbosity_error()
-import stl_nb.loop  # noqa: F401 -- applies the loop chapter's temporary fix to stl_nb.train
-from stl_nb.generate import GenConfig, style_of
+from stl_nb.durable import process_info
+from stl_nb.generate import GenConfig, generate, style_of
 from stl_nb.loop import direct_examples
 from stl_nb.models import load_vlm
-from stl_nb.scale import generate_sharded, process_info, rank_device_map
+from stl_nb.scale import rank_device_map
 from stl_nb.train import embedded_train_config, train_qlora
 from stl_nb.world import make_world
 
 out, n = Path(sys.argv[1]), int(sys.argv[2])
 qs = make_world(n, seed=0)
 vlm = load_vlm('embedded', device_map=rank_device_map())
-recs = generate_sharded(vlm, qs, out/'sharded.jsonl', GenConfig(max_new_tokens=24, batch_size=1), progress=False)
+recs = generate(vlm, qs, out/'sharded.jsonl', GenConfig(max_new_tokens=24, batch_size=1), progress=False)
 rank, world = process_info()
 torch.manual_seed(0)
 res = train_qlora(vlm, direct_examples(qs, style_of(vlm)), embedded_train_config(epochs=1, batch_size=2, logging_steps=1),
