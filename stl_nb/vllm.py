@@ -6,6 +6,7 @@
 from __future__ import annotations
 from itertools import groupby
 from pathlib import Path
+from .durable import process_info
 from .generate import GenConfig, Reply, prompt_text, style_of
 from .models import VLM, _KINDS, _load_processor, _resolve, read_style
 from .templates import chat
@@ -54,6 +55,8 @@ def vllm_engine(model:str, lora_r:int=128, seed:int=0, gpu_memory_utilization:fl
                           "or use backend 'hf'") from None
     rank = next((r for r in VLLM_RANKS if r >= lora_r), None)
     if rank is None: raise ValueError(f"LoRA rank {lora_r} is more than vLLM serves ({VLLM_RANKS[-1]})")
+    world = process_info()[1]
+    if world > 1: kw = dict(distributed_executor_backend='external_launcher', data_parallel_size=world) | kw   # one engine per process
     return LLM(model=_resolve(model), enable_lora=True, max_lora_rank=rank, max_loras=1, seed=seed,
                limit_mm_per_prompt={'image': 1}, gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len, **kw)
 
