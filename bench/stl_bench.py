@@ -9,17 +9,30 @@
           batches, on that round's own examples (rationales and negatives, whose lengths differ)
   quant   4-bit (NF4, bitsandbytes) vs full-precision LoRA training of the embedded model: step time and peak memory,
           each in its own process so that peak RSS is its own
+  spread  the train part's comparison where lengths spread, as with Qwen2.5-VL at real scale: a tiny Qwen2.5-VL-class
+          model (`Qwen2_5_VLForConditionalGeneration`, random weights, hidden sizes shrunk as tests/test_models.py does)
+          with the real Qwen2.5-VL processor (../shared/fixtures/qwen2.5-vl-7b-instruct, or $STL_FIXTURES), loaded by
+          `load_vlm`, trained on the STL examples of real M3CoT test questions (../shared/fixtures/m3cot-sample, read at
+          run time; `--spread-questions` of them, spread over its four domains). Assumed, not measured: M3CoT's images are
+          not in the fixture, so each question gets a one-colour placeholder image whose size is drawn with a fixed seed so
+          that Qwen2.5-VL's dynamic resolution gives it 64 to 256 image tokens (the range `load_vlm` caps Qwen to,
+          224²..448² pixels); the targets are a round's two kinds, a positive rationale (CAPTION 20-60 words,
+          REASONING 30-120 words, CONCLUSION) per question and a negative (CAPTION 20-60, EXPLANATION 20-60 words) per
+          wrong option, whose words are drawn with a fixed seed from the question, its options and a small vocabulary:
+          placeholder prose of assumed lengths, made into examples by the library's `positive_examples` and
+          `negative_examples`. Skipped, with one line saying why, when a fixture folder is absent
 
 Every figure is printed as one table (ratio to its baseline, absolute numbers) with the machine, and written as JSON.
 
-    python bench/stl_bench.py [--part gen round train quant] [--limit 64] [--out stl_bench.json] [--threads 1]
+    python bench/stl_bench.py [--part gen round train quant spread] [--limit 64] [--out stl_bench.json] [--threads 1]
 """
-import argparse, contextlib, json, os, pickle, platform, resource, subprocess, sys, tempfile, time
+import argparse, contextlib, json, math, os, pickle, platform, random, resource, subprocess, sys, tempfile, time
 from dataclasses import replace
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-PARTS = ('gen', 'round', 'train', 'quant')
+PARTS = ('gen', 'round', 'train', 'quant', 'spread')
+FIXTURES = Path(os.environ.get('STL_FIXTURES', HERE.parent.parent/'shared'/'fixtures'))   # as tests/conftest.py finds them
 
 
 def parse_args(argv=None):
@@ -32,6 +45,9 @@ def parse_args(argv=None):
     p.add_argument('--batch-size', type=int, default=32, help='generation comparisons: rows per generate call')
     p.add_argument('--repeats', type=int, default=2, help='timed runs of each method (best taken)')
     p.add_argument('--epochs', type=float, default=2, help='passes over the round examples in the train and quant parts')
+    p.add_argument('--spread-questions', type=int, default=8, help='spread part: M3CoT questions whose examples are trained on')
+    p.add_argument('--spread-epochs', type=float, default=1, help='spread part: passes over those examples')
+    p.add_argument('--fixtures', default=str(FIXTURES), help='spread part: folder holding qwen2.5-vl-7b-instruct and m3cot-sample')
     p.add_argument('--threads', type=int, default=1, help='torch threads (1: steadier timings on a shared machine)')
     p.add_argument('--out', default='stl_bench.json')
     return p.parse_args(argv)
@@ -156,35 +172,40 @@ def part_round(a, work:Path) -> tuple:
 
 # ---------------------------------------------------------------- train
 
-def train_once(examples, group_by_length:bool, epochs:float, quant=None, work=None):
-    "A `TrainResult` of LoRA on a fresh embedded model (4-bit base with `quant='4bit'`)."
+def train_once(examples, group_by_length:bool, epochs:float, quant=None, work=None, model='embedded', preset=None):
+    "A `TrainResult` of LoRA on a fresh `model` (4-bit base with `quant='4bit'`), with `preset` (default: the embedded one)."
     import stl_nb.loop  # noqa: F401 -- its import applies a temporary fix to stl_nb.train (a missing `import torch`)
     from stl_nb.models import load_vlm
     from stl_nb.train import embedded_train_config, train_qlora
-    cfg = embedded_train_config(epochs=epochs, group_by_length=group_by_length, logging_steps=1000)
-    with quiet(): return train_qlora(load_vlm('embedded', quant=quant), examples, cfg, tempfile.mkdtemp(dir=work), progress=False)
+    cfg = (preset or embedded_train_config)(epochs=epochs, group_by_length=group_by_length, logging_steps=1000)
+    with quiet(): return train_qlora(load_vlm(model, quant=quant), examples, cfg, tempfile.mkdtemp(dir=work), progress=False)
 
-def part_train(a, examples, work) -> list:
-    "Length-grouped vs random batches on the same examples, interleaved, best of `repeats` each."
+def compare_batches(part, examples, train, vlm, batch_size:int, repeats:int) -> list:
+    "Rows of `train(examples, group_by_length)` with random vs length-grouped batches, interleaved, best of `repeats` each; then the padding of fully sorted batches (`vlm` measures the lengths) and the ceiling it sets."
     res = {False: [], True: []}
-    for _ in range(a.repeats):
-        for g in (False, True): res[g].append(train_once(examples, g, a.epochs, work=work))
+    for _ in range(repeats):
+        for g in (False, True): res[g].append(train(examples, g))
     best = {g: max(rs, key=lambda r: r.tokens_per_s) for g, rs in res.items()}
     rows = []
     for g, what in ((False, 'random batches'), (True, 'length-grouped batches')):
         r = best[g]
-        rows.append(row('train', f'{what}: tokens/s', r.tokens_per_s, 'tokens/s', None if not g else best[False].tokens_per_s,
+        rows.append(row(part, f'{what}: tokens/s', r.tokens_per_s, 'tokens/s', None if not g else best[False].tokens_per_s,
                         padding=round(r.padding, 3), seconds=round(r.seconds, 2), examples=r.n_examples))
-        rows.append(row('train', f'{what}: padding fraction', r.padding, 'fraction', None if not g else best[False].padding))
-    from stl_nb.models import load_vlm
-    from stl_nb.train import example_lengths, embedded_train_config, _padding
-    lengths, _ = example_lengths(load_vlm('embedded'), examples)
-    bs = embedded_train_config().batch_size
-    pad_sorted = _padding(lengths, bs, sorted(range(len(lengths)), key=lambda i: -lengths[i]))
-    rows.append(row('train', 'fully sorted batches: padding fraction', pad_sorted, 'fraction', best[False].padding))
+        rows.append(row(part, f'{what}: padding fraction', r.padding, 'fraction', None if not g else best[False].padding))
+    from stl_nb.train import example_lengths, _padding
+    lengths, _ = example_lengths(vlm, examples)
+    pad_sorted = _padding(lengths, batch_size, sorted(range(len(lengths)), key=lambda i: -lengths[i]))
+    rows.append(row(part, 'fully sorted batches: padding fraction', pad_sorted, 'fraction', best[False].padding))
     # the most that removing padding can give (same compute per real token): this is the ceiling of any length grouping
-    rows.append(row('train', 'ceiling of grouping: (1-pad_sorted)/(1-pad_random)', (1 - pad_sorted)/(1 - best[False].padding), 'ratio'))
+    rows.append(row(part, 'ceiling of grouping: (1-pad_sorted)/(1-pad_random)', (1 - pad_sorted)/(1 - best[False].padding), 'ratio'))
     return rows
+
+def part_train(a, examples, work) -> list:
+    "Length-grouped vs random batches on the round's examples, interleaved, best of `repeats` each."
+    from stl_nb.models import load_vlm
+    from stl_nb.train import embedded_train_config
+    return compare_batches('train', examples, lambda ex, g: train_once(ex, g, a.epochs, work=work), load_vlm('embedded'),
+                           embedded_train_config().batch_size, a.repeats)
 
 
 # ---------------------------------------------------------------- quant
@@ -221,6 +242,106 @@ def part_quant(a, examples, work) -> list:
             row('quant', '4-bit NF4: peak RSS of its process', q['rss_mb'], 'MB', f['rss_mb'])]
 
 
+# ---------------------------------------------------------------- spread
+
+def tiny_qwen(src:Path, d:Path) -> Path:
+    "Save in `d` a Qwen2.5-VL of the real class, random weights, every size shrunk (as tests/test_models.py's `tiny_config`), with the real processor of `src`."
+    import torch
+    from transformers import AutoConfig, AutoProcessor, Qwen2_5_VLForConditionalGeneration
+    c = AutoConfig.from_pretrained(src)   # its token ids (image, vision start/end) stay those the processor writes
+    c.vision_config.update(dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64, fullatt_block_indexes=[0]))
+    c.text_config.update(dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                              head_dim=16, layer_types=['full_attention']*2, max_window_layers=2))
+    c.text_config.rope_parameters = {**c.text_config.rope_parameters, 'mrope_section': [2, 3, 3]}  # sums to head_dim/2
+    for x in (c, c.text_config, c.vision_config): x.dtype = torch.float32
+    torch.manual_seed(0)
+    Qwen2_5_VLForConditionalGeneration(c).save_pretrained(d)
+    AutoProcessor.from_pretrained(src).save_pretrained(d)
+    return d
+
+def spread_train_config(**kw):
+    "The embedded preset (rank 16, no accumulation, no checkpointing) at batch 2, the same for random and grouped batches."
+    from stl_nb.train import embedded_train_config
+    return embedded_train_config(**{
+        'batch_size': 2,   # a token's logits over Qwen's 152k-token vocabulary are 0.6 MB, x3 with softmax and gradient: batch 2 of
+                           # ~600 tokens peaks at ~3 GB (batch 4: ~5 GB); time goes with padded tokens (~330/s on one core), so
+                           # 8 questions' 27 examples fit the default run, and n // (4*batch) still puts 3 batches in a mega-batch
+        **kw})
+
+def placeholder_image(rng):
+    "A blank image whose size Qwen2.5-VL (capped to 224²..448² pixels) turns into 64 to 256 image tokens: area and aspect ratio (1:2 to 2:1) drawn from `rng`."
+    from PIL import Image
+    tokens, aspect = rng.randint(64, 256), math.exp(rng.uniform(-math.log(2), math.log(2)))
+    h = max(1, round(math.sqrt(tokens/aspect))); w = max(1, round(tokens/h))   # in 28-pixel cells (2x2 patches of 14)
+    return Image.new('RGB', (28*w, 28*h), tuple(rng.randrange(256) for _ in range(3)))
+
+def prose(rng, words:list, lo:int, hi:int) -> str:
+    "Placeholder prose of `lo` to `hi` words drawn from `words`, in sentences of 6 to 16 words."
+    n, out = rng.randint(lo, hi), []
+    while n > 0:
+        k = min(n, rng.randint(6, 16)); n -= k
+        s = [rng.choice(words) for _ in range(k)]
+        out.append(' '.join([s[0].capitalize()] + s[1:]) + '.')
+    return ' '.join(out)
+
+COMMON = ('the image shows a there is which means that because of this so it is not and in on with from its this option '
+          'answer question picture object left right top bottom color shape large small near far people scene '
+          'therefore however also likely clearly visible appears suggests between each one two three').split()
+
+def spread_samples(folder:Path, seed:int=0):
+    "The M3CoT questions of `folder`/test_sample.jsonl as `Samples` (the library's loader), each with its placeholder image."
+    from stl_nb.data import samples_from_records
+    records = [json.loads(l) for l in (folder/'test_sample.jsonl').read_text(encoding='utf-8').splitlines() if l.strip()]
+    rng = random.Random(seed)
+    return samples_from_records([{**r, 'image': placeholder_image(rng)} for r in records], source='m3cot-sample', answer_as='letter')
+
+def spread_examples(samples, seed:int=0) -> list:
+    "A round's training examples of `samples`: a positive rationale per question and a negative per wrong option, through `positive_examples` and `negative_examples` from records of placeholder prose."
+    from stl_nb.data import letter
+    from stl_nb.filter import positive_examples
+    from stl_nb.negatives import negative_examples
+    from stl_nb.templates import render_rationale, render_negative
+    from stl_nb.train import Example
+    pos, neg = [], []
+    for s in samples:
+        rng = random.Random(f'{seed}:{s.id}')   # a question's prose does not depend on which others are picked
+        words = [w.strip('.,?!:;()"').lower() for w in ' '.join([s.question, *s.choices]).split()] + list(COMMON)
+        words = [w for w in words if w]
+        caption = lambda: prose(rng, words, 20, 60)
+        pos.append(dict(id=s.id, kind='positive', wrong=None, k=0,
+                        raw=render_rationale((caption(), prose(rng, words, 30, 120), s.answer), s.choices)))
+        neg += [dict(id=s.id, kind='negative', wrong=letter(i), k=0, raw=render_negative(caption(), prose(rng, words, 20, 60)))
+                for i in range(len(s.choices)) if i != s.answer]
+    return [Example(*e, kind='positive', source_id=r['id']) for r, e in zip(pos, positive_examples(pos, samples))] + \
+           [Example(*e, kind='negative', source_id=r['id']) for r, e in zip(neg, negative_examples(neg, samples))]
+
+def part_spread(a, work:Path) -> list:
+    "Length-grouped vs random batches where lengths spread: the tiny Qwen2.5-VL on M3CoT questions' STL examples (see the module's docstring)."
+    src, m3 = Path(a.fixtures)/'qwen2.5-vl-7b-instruct', Path(a.fixtures)/'m3cot-sample'
+    if missing := [str(p) for p in (src, m3) if not p.is_dir()]:
+        print(f"spread: skipped, no fixture folder {' or '.join(missing)} (set --fixtures or STL_FIXTURES to shared/fixtures)", flush=True)
+        return []
+    from stl_nb.models import load_vlm
+    folder = tiny_qwen(src, work/'tiny-qwen2.5-vl')
+    vlm = load_vlm(str(folder))
+    samples = spread_samples(m3)
+    picked = sorted(random.Random(0).sample(range(len(samples)), min(a.spread_questions, len(samples))))  # all four domains
+    samples = [samples[i] for i in picked]
+    examples = spread_examples(samples)
+    n_image = [int((vlm.encode([s.image], [[{'role': 'user', 'content': [{'type': 'image'}]}]])['input_ids'] == vlm.image_token_id).sum())
+               for s in samples]
+    from stl_nb.train import example_lengths
+    lengths, _ = example_lengths(vlm, examples)
+    kinds = {k: sum(e.kind == k for e in examples) for k in ('positive', 'negative')}
+    rows = [row('spread', f"image tokens, assumed sizes: mean ({min(n_image)} to {max(n_image)})", sum(n_image)/len(n_image), 'tokens',
+                questions=len(samples), image_tokens=n_image),
+            row('spread', f"example tokens: mean ({min(lengths)} to {max(lengths)})", sum(lengths)/len(lengths), 'tokens',
+                lengths=lengths, **kinds),
+            row('spread', f"examples: {len(samples)} M3CoT questions' positives + negatives", len(examples), 'examples', **kinds)]
+    train = lambda ex, g: train_once(ex, g, a.spread_epochs, work=work, model=str(folder), preset=spread_train_config)
+    return rows + compare_batches('spread', examples, train, vlm, spread_train_config().batch_size, a.repeats)
+
+
 # ---------------------------------------------------------------- main
 
 def main(argv=None):
@@ -238,6 +359,7 @@ def main(argv=None):
         r, examples = part_round(a, work)
         if 'round' in a.part: rows += r
     if 'train' in a.part: rows += part_train(a, examples, work)
+    if 'spread' in a.part: rows += part_spread(a, work)
     if 'quant' in a.part: rows += part_quant(a, examples, work)
     m['seconds'] = round(time.perf_counter() - t0, 1); m.update(peak_memory())
     print(table(rows, m))

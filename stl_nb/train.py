@@ -232,7 +232,10 @@ def train_qlora(vlm:VLM, examples, cfg:TrainConfig=TrainConfig(), out_dir=None, 
     vlm.model = model
     losses = [(h['step'], h['loss']) for h in trainer.state.log_history if 'loss' in h]
     bs = cfg.batch_size
-    order = list(iter(trainer._get_train_sampler())) if cfg.group_by_length else list(range(len(lengths)))
+    # the order of the first epoch's batches: the length-grouped sampler's (its generator seeded anew), or the permutation
+    # accelerate's seedable sampler draws for random batches (seed data_seed = cfg.seed in epoch 0, + e in epoch e)
+    order = (list(trainer._get_train_sampler()) if cfg.group_by_length else
+             torch.randperm(len(lengths), generator=torch.Generator().manual_seed(cfg.seed)).tolist())
     main = trainer.is_world_process_zero()   # data-parallel (accelerate launch, torchrun): rank 0 writes, the others wait
     res = TrainResult(str(out_dir/'adapter'), len(examples), len(dropped), losses, time.time() - start,
                       _padding(lengths, bs, order), sum(lengths)*cfg.epochs/t_train)
