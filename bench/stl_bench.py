@@ -174,7 +174,6 @@ def part_round(a, work:Path) -> tuple:
 
 def train_once(examples, group_by_length:bool, epochs:float, quant=None, work=None, model='embedded', preset=None):
     "A `TrainResult` of LoRA on a fresh `model` (4-bit base with `quant='4bit'`), with `preset` (default: the embedded one)."
-    import stl_nb.loop  # noqa: F401 -- its import applies a temporary fix to stl_nb.train (a missing `import torch`)
     from stl_nb.models import load_vlm
     from stl_nb.train import embedded_train_config, train_qlora
     cfg = (preset or embedded_train_config)(epochs=epochs, group_by_length=group_by_length, logging_steps=1000)
