@@ -9,7 +9,7 @@ from collections import Counter
 from pathlib import Path
 
 # %% auto #0
-__all__ = ['FAULT_ENV', 'FAULT_POINTS', 'write_atomic', 'fsync_tree', 'parse_faults', 'fault_point', 'launch_state',
+__all__ = ['FAULT_ENV', 'FAULT_POINTS', 'WORLD_ENV', 'write_atomic', 'fsync_tree', 'parse_faults', 'fault_point', 'launch_state',
            'process_info', 'is_main', 'barrier', 'rank_path']
 
 # %% ../nbs/00a_durable.ipynb #d08ca6ef
@@ -67,9 +67,11 @@ def launch_state():
     from accelerate import PartialState
     return PartialState(cpu=not torch.cuda.is_available())
 
+WORLD_ENV = ('WORLD_SIZE', 'OMPI_COMM_WORLD_SIZE', 'PMI_SIZE', 'MV2_COMM_WORLD_SIZE')   # torchrun/accelerate, then MPI's
+
 def process_info() -> tuple:
-    "(rank, number of processes): (0, 1) in a plain process; accelerate's view under a launcher that sets `WORLD_SIZE`."
-    if int(os.environ.get('WORLD_SIZE', '1')) <= 1: return 0, 1
+    "(rank, number of processes): (0, 1) in a plain process; accelerate's view under a launcher (one that sets a `WORLD_ENV` variable)."
+    if max(int(os.environ.get(k) or 1) for k in WORLD_ENV) <= 1: return 0, 1
     s = launch_state()
     return s.process_index, s.num_processes
 
