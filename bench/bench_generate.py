@@ -86,17 +86,9 @@ def bench_negatives(vlm, samples, cfg, repeats, part='negatives'):
 
 def tiny_llava(fixture:Path):
     "A tiny random model of LLaVA-1.5's class with its real processor (576 image tokens), saved to a temporary folder and loaded."
-    import torch
-    from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
-    from stl_nb.models import load_vlm
-    c = AutoConfig.from_pretrained(fixture)
-    c.vision_config.update(dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2))
-    c.text_config.update(dict(hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4, head_dim=32))
-    for x in (c, c.text_config, c.vision_config): x.dtype = torch.float32
-    torch.manual_seed(0)
+    from stl_nb.models import load_vlm, tiny_model
     d = Path(tempfile.mkdtemp())/'tiny-llava-1.5'
-    AutoModelForImageTextToText.from_config(c).save_pretrained(d); AutoProcessor.from_pretrained(fixture).save_pretrained(d)
-    return load_vlm(d)
+    return load_vlm(tiny_model(fixture, d, hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_key_value_heads=4, head_dim=32))
 
 
 def table(rows) -> str:

@@ -10,7 +10,7 @@
   quant   4-bit (NF4, bitsandbytes) vs full-precision LoRA training of the embedded model: step time and peak memory,
           each in its own process so that peak RSS is its own
   spread  the train part's comparison where lengths spread, as with Qwen2.5-VL at real scale: a tiny Qwen2.5-VL-class
-          model (`Qwen2_5_VLForConditionalGeneration`, random weights, hidden sizes shrunk as tests/test_models.py does)
+          model (`Qwen2_5_VLForConditionalGeneration`, random weights, every size shrunk: `stl_nb.models.tiny_model`)
           with the real Qwen2.5-VL processor (../shared/fixtures/qwen2.5-vl-7b-instruct, or $STL_FIXTURES), loaded by
           `load_vlm`, trained on the STL examples of real M3CoT test questions (../shared/fixtures/m3cot-sample, read at
           run time; `--spread-questions` of them, spread over its four domains). Assumed, not measured: M3CoT's images are
@@ -243,21 +243,6 @@ def part_quant(a, examples, work) -> list:
 
 # ---------------------------------------------------------------- spread
 
-def tiny_qwen(src:Path, d:Path) -> Path:
-    "Save in `d` a Qwen2.5-VL of the real class, random weights, every size shrunk (as tests/test_models.py's `tiny_config`), with the real processor of `src`."
-    import torch
-    from transformers import AutoConfig, AutoProcessor, Qwen2_5_VLForConditionalGeneration
-    c = AutoConfig.from_pretrained(src)   # its token ids (image, vision start/end) stay those the processor writes
-    c.vision_config.update(dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64, fullatt_block_indexes=[0]))
-    c.text_config.update(dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                              head_dim=16, layer_types=['full_attention']*2, max_window_layers=2))
-    c.text_config.rope_parameters = {**c.text_config.rope_parameters, 'mrope_section': [2, 3, 3]}  # sums to head_dim/2
-    for x in (c, c.text_config, c.vision_config): x.dtype = torch.float32
-    torch.manual_seed(0)
-    Qwen2_5_VLForConditionalGeneration(c).save_pretrained(d)
-    AutoProcessor.from_pretrained(src).save_pretrained(d)
-    return d
-
 def spread_train_config(**kw):
     "The embedded preset (rank 16, no accumulation, no checkpointing) at batch 2, the same for random and grouped batches."
     from stl_nb.train import embedded_train_config
@@ -320,8 +305,8 @@ def part_spread(a, work:Path) -> list:
     if missing := [str(p) for p in (src, m3) if not p.is_dir()]:
         print(f"spread: skipped, no fixture folder {' or '.join(missing)} (set --fixtures or STL_FIXTURES to shared/fixtures)", flush=True)
         return []
-    from stl_nb.models import load_vlm
-    folder = tiny_qwen(src, work/'tiny-qwen2.5-vl')
+    from stl_nb.models import load_vlm, tiny_model
+    folder = tiny_model(src, work/'tiny-qwen2.5-vl')   # the real class, random weights, every size shrunk
     vlm = load_vlm(str(folder))
     samples = spread_samples(m3)
     picked = sorted(random.Random(0).sample(range(len(samples)), min(a.spread_questions, len(samples))))  # all four domains

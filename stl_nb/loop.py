@@ -12,7 +12,7 @@ from fastcore.script import call_parse, is_cli
 from .data import Samples, SampleError, letter_index, load_m3cot, load_scienceqa, load_folder
 from .world import WorldConfig, make_world
 from .templates import chat, direct_prompt, direct_target
-from .models import load_vlm
+from .models import load_vlm, processor_vlm
 from .train import TrainConfig, embedded_train_config, Example, train_qlora, merge_adapter
 from .generate import GenConfig, generate, read_records, style_of
 from .filter import keep_correct, positive_examples
@@ -20,7 +20,7 @@ from .negatives import generate_round, negative_examples
 from .evaluate import (score, round_row, load_run, plot_rounds, plot_domains, plot_data, rationale_card, markdown_table,
                              method_colours)
 from .durable import barrier, is_main, write_atomic
-from .vllm import processor_vlm, vllm_backend, vllm_engine
+from .vllm import vllm_backend, vllm_engine
 
 # %% auto #0
 __all__ = ['METHODS', 'PAPER_METHODS', 'DATASETS', 'WORLD_SIZE', 'Method', 'RunError', 'STLConfig', 'embedded_config',
@@ -204,12 +204,10 @@ def _prompt_kinds(method:Method, split:str, s) -> list:
 
 def fit_context(s:Samples, cfg:STLConfig, split:str, batch:int=32) -> Samples:
     "`s` without the questions whose longest prompt plus `max_new_tokens` exceeds the model's context: rejected, never cut."
-    from stl_nb.models import VLM, _resolve, _load_processor, read_style
     from stl_nb.generate import prompt_text
     if (limit := context_size(cfg.model)) is None: return s
-    path = _resolve(cfg.model)
-    vlm = VLM(None, _load_processor(path, 'generic'), name=cfg.model)
-    style, new = read_style(path) or style_of(vlm), (cfg.gen if split == 'train' else cfg.eval_gen).max_new_tokens
+    vlm = processor_vlm(cfg.model)   # the processor as the run loads it: Qwen2.5-VL's images counted at the run's pixel cap
+    style, new = style_of(vlm), (cfg.gen if split == 'train' else cfg.eval_gen).max_new_tokens
     jobs = [(x, k, w) for x in s for k, w in _prompt_kinds(METHODS[cfg.method], split, x)]
     n = {}
     for i in range(0, len(jobs), batch):

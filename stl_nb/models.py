@@ -10,8 +10,8 @@ from pathlib import Path
 from fastcore.basics import patch
 
 # %% auto #0
-__all__ = ['MODEL_CLASSES', 'QWEN_PIXELS', 'STYLE_FILE', 'GPUS', 'NF4_BYTES', 'VLM', 'bnb_config', 'read_style', 'load_vlm',
-           'MemoryPlan', 'plan_memory']
+__all__ = ['MODEL_CLASSES', 'QWEN_PIXELS', 'STYLE_FILE', 'TINY_TEXT', 'TINY_VISION', 'GPUS', 'NF4_BYTES', 'VLM', 'bnb_config',
+           'read_style', 'load_vlm', 'processor_vlm', 'shrunk_config', 'tiny_model', 'MemoryPlan', 'plan_memory']
 
 # %% ../nbs/03_models.ipynb #798c37a7
 _SENTINEL = 'Zq7-sentinel-reply'
@@ -248,15 +248,20 @@ def read_style(path):
     return PromptStyle(**json.loads(f.read_text())) if f.is_file() else None
 
 # %% ../nbs/03_models.ipynb #21015764
+def _open(name_or_path, min_pixels=None, max_pixels=None, trust_remote_code=False) -> tuple:
+    "(path, config, kind, processor) of a model: what `load_vlm` and `processor_vlm` both read before any weights."
+    from transformers import AutoConfig
+    path = _resolve(name_or_path)
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    kind = _KINDS.get(config.model_type, 'generic')
+    return path, config, kind, _load_processor(path, kind, min_pixels, max_pixels, trust_remote_code)
+
 def load_vlm(name_or_path='embedded', quant=None, dtype=None, device_map=None, trust_remote_code=False, adapter=None,
              min_pixels=None, max_pixels=None) -> VLM:
     "Load a VLM and its processor: LLaVA-1.5 and Qwen2.5-VL first-class, any image-text-to-text model with a chat template."
     import transformers
     if quant not in (None, '4bit'): raise ValueError(f"quant must be None or '4bit', not {quant!r}")
-    path = _resolve(name_or_path)
-    config = transformers.AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-    kind = _KINDS.get(config.model_type, 'generic')
-    processor = _load_processor(path, kind, min_pixels, max_pixels, trust_remote_code)
+    path, config, kind, processor = _open(name_or_path, min_pixels, max_pixels, trust_remote_code)
     device_map, dtype = _placement(device_map, dtype)
     cls = getattr(transformers, MODEL_CLASSES.get(config.model_type, 'AutoModelForImageTextToText'))
     kw = dict(quantization_config=bnb_config(dtype, config)) if quant == '4bit' else {}
@@ -265,6 +270,41 @@ def load_vlm(name_or_path='embedded', quant=None, dtype=None, device_map=None, t
         from peft import PeftModel
         model = PeftModel.from_pretrained(model, str(adapter))
     return VLM(model, processor, name=str(name_or_path), kind=kind, style=read_style(path))
+
+def processor_vlm(name_or_path='embedded', min_pixels=None, max_pixels=None, trust_remote_code=False) -> VLM:
+    "`load_vlm` without the weights: the processor (pixel-capped alike), prompt style and stop tokens, to render and count prompts."
+    path, _, kind, processor = _open(name_or_path, min_pixels, max_pixels, trust_remote_code)
+    return VLM(None, processor, name=str(name_or_path), kind=kind, style=read_style(path))
+
+# %% ../nbs/03_models.ipynb #343c53f5
+TINY_TEXT = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+TINY_VISION = {'llava': dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2),
+               'qwen2_5_vl': dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64, fullatt_block_indexes=[0])}
+
+def shrunk_config(src, **text):
+    "The real config of `src` (a folder or hub id) with every size shrunk, in float32; `text` overrides the sizes of `TINY_TEXT`."
+    import torch
+    from transformers import AutoConfig
+    c = AutoConfig.from_pretrained(src)
+    kind = _KINDS.get(c.model_type)
+    if kind not in TINY_VISION: raise ValueError(f"{src}: shrunk_config knows {' and '.join(TINY_VISION)} configs, not {c.model_type!r}")
+    c.vision_config.update(TINY_VISION[kind]); c.text_config.update({**TINY_TEXT, **text})
+    if kind == 'qwen2_5_vl':   # every layer attends fully, and the rotary sections must add up to half a head
+        t = c.text_config; n, half = t.num_hidden_layers, t.head_dim // 2
+        a = half // 4; b = (half - a) // 2
+        t.update(dict(layer_types=['full_attention']*n, max_window_layers=n))
+        t.rope_parameters = {**t.rope_parameters, 'mrope_section': [a, b, half - a - b]}
+    for x in (c, c.text_config, c.vision_config): x.dtype = torch.float32
+    return c
+
+def tiny_model(src, out, seed:int=0, **text) -> Path:
+    "Save in `out` a model of `src`'s real class with random weights (`shrunk_config`), and `src`'s real processor; the folder."
+    import torch
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+    torch.manual_seed(seed)
+    AutoModelForImageTextToText.from_config(shrunk_config(src, **text)).save_pretrained(out)
+    AutoProcessor.from_pretrained(src).save_pretrained(out)
+    return Path(out)
 
 # %% ../nbs/03_models.ipynb #d27f44c0
 GPUS = {'T4': 15.8e9, 'L4': 23.7e9, 'A10G': 23.7e9, 'A100-40': 42.5e9, 'A100-80': 85.1e9, 'H100-80': 85.1e9}

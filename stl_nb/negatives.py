@@ -53,11 +53,14 @@ def _left(rows:list, pad:int) -> tuple:
     L = max(map(len, rows))
     return (torch.tensor([[pad]*(L - len(r)) + r for r in rows]), torch.tensor([[0]*(L - len(r)) + [1]*len(r) for r in rows]))
 
+def _base_model(vlm):
+    "The transformers model inside `vlm` (under a peft adapter wrapper, if any)."
+    return vlm.model.get_base_model() if hasattr(vlm.model, 'get_base_model') else vlm.model
+
 def _cache_arg(vlm) -> str:
     "The keyword a ready cache goes under: `cache` (transformers 5's name) or the older `past_key_values`."
     import inspect
-    m = vlm.model.get_base_model() if hasattr(vlm.model, 'get_base_model') else vlm.model
-    return 'cache' if 'cache' in inspect.signature(m.forward).parameters else 'past_key_values'
+    return 'cache' if 'cache' in inspect.signature(_base_model(vlm).forward).parameters else 'past_key_values'
 
 # %% ../nbs/08_negatives.ipynb #a3f0c6d1
 _ATTENTION = 'stl_prefix'                                           # the attention implementation's registered name
@@ -126,8 +129,7 @@ def prefix_attention(module, query, key, value, attention_mask, scaling:float, d
 
 def _decoder(vlm):
     "The language model inside `vlm` (through an adapter wrapper)."
-    m = vlm.model.get_base_model() if hasattr(vlm.model, 'get_base_model') else vlm.model
-    return m.get_decoder()
+    return _base_model(vlm).get_decoder()
 
 def cascades(vlm) -> bool:
     "Whether `generate_shared` keeps one prefix per group during decoding: a Llama text model, full attention in every layer."
@@ -146,7 +148,6 @@ def prefix_mode(vlm, cache):
     c._attn_implementation = _ATTENTION
     try: yield
     finally: c._attn_implementation = before; _active.reset(token)
-
 
 # %% ../nbs/08_negatives.ipynb #1e37e0c3
 def _prefill(vlm, ids, mask, pixels:dict):

@@ -1,10 +1,12 @@
 "Shared pytest fixtures: the real processor files and M3CoT questions in ../shared/fixtures (never copied into the project)."
-import os
+import os, shutil, sys
 from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = Path(os.environ.get('STL_FIXTURES', REPO.parent/'shared'/'fixtures'))
+# the installed `stl_run` command: beside this Python first (a venv not on PATH), else on PATH; None when not installed
+STL_RUN = next((p for p in (Path(sys.executable).parent/'stl_run', shutil.which('stl_run')) if p and Path(p).exists()), None)
 
 def fixture_dir(name):
     "Path of one fixture folder, or skip the test with the reason when it is absent."

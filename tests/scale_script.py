@@ -10,13 +10,12 @@ from stl_nb.durable import process_info
 from stl_nb.generate import GenConfig, generate, style_of
 from stl_nb.loop import direct_examples
 from stl_nb.models import load_vlm
-from stl_nb.scale import rank_device_map
 from stl_nb.train import embedded_train_config, train_qlora
 from stl_nb.world import make_world
 
 out, n = Path(sys.argv[1]), int(sys.argv[2])
 qs = make_world(n, seed=0)
-vlm = load_vlm('embedded', device_map=rank_device_map())
+vlm = load_vlm('embedded')   # on a GPU, load_vlm puts each process's copy on its own (LOCAL_RANK)
 recs = generate(vlm, qs, out/'sharded.jsonl', GenConfig(max_new_tokens=24, batch_size=1), progress=False)
 rank, world = process_info()
 torch.manual_seed(0)

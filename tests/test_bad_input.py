@@ -1,8 +1,9 @@
 """The bad-input catalogue of chapter 12, one test per row, and the command line's answer to an unwritable folder; the
 safety rules (issue 8): no remote code unless asked, safetensors only, nothing unpickled or executed from data."""
-import ast, inspect, json, os, re, subprocess, sys
+import ast, inspect, json, os, re, subprocess
 from pathlib import Path
 import pytest
+from conftest import STL_RUN
 import stl_nb
 from stl_nb.bad_input import CASES, outcome, catalogue
 
@@ -25,11 +26,12 @@ def test_each_bad_input_gets_its_answer(case):
     if got['result'] == 'rejected': assert got['message'].startswith("record 'q1', field ")
 
 @pytest.mark.skipif(os.name != 'posix' or os.geteuid() == 0, reason="root writes into read-only folders; the catalogue simulates it")
+@pytest.mark.skipif(STL_RUN is None, reason="the stl_run command is not installed (pip install -e .)")
 def test_cli_read_only_folder_real_chmod(tmp_path):
     "Where chmod does stop the user: a real read-only folder, the real command, one line and exit 1."
     (tmp_path/'ro').mkdir(); os.chmod(tmp_path/'ro', 0o555)
     try:
-        r = subprocess.run([str(Path(sys.executable).parent/'stl_run'), '--out', str(tmp_path/'ro'/'run'),
+        r = subprocess.run([str(STL_RUN), '--out', str(tmp_path/'ro'/'run'),
                             '--limit', '4', '--test_limit', '2', '--rounds', '0', '--quiet'], capture_output=True, text=True, timeout=300)
     finally: os.chmod(tmp_path/'ro', 0o755)
     assert r.returncode == 1 and 'cannot write' in r.stderr and 'Traceback' not in r.stderr, r.stderr

@@ -1,14 +1,14 @@
 """Crash and resume, and reproducibility (issue 8): `stl_run` killed with SIGKILL at each crash point of chapter 00a and rerun
 ends with the files of an uninterrupted run; two runs of one config and seed are byte-identical apart from timings."""
-import json, os, shutil, signal, subprocess, sys
+import os, signal, subprocess
 from pathlib import Path
 import pytest
 from stl_nb.loop import tiny_config, write_json, read_json
 from stl_nb.generate import GenConfig, read_records, record_key
 from stl_nb.train import embedded_train_config
 from stl_nb.models import _embedded_dir
+from conftest import STL_RUN
 
-STL_RUN = next((p for p in (Path(sys.executable).parent/'stl_run', shutil.which('stl_run')) if p and Path(p).exists()), None)
 pytestmark = [pytest.mark.skipif(not (_embedded_dir()/'config.json').exists(), reason="the embedded model is not built (chapter 04)"),
               pytest.mark.skipif(STL_RUN is None, reason="the stl_run command is not installed (pip install -e .)")]
 TIMING = {'seconds', 'tokens_per_s'}   # the only fields two runs of one config may disagree on,

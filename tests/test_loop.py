@@ -241,3 +241,16 @@ def test_cli_impossible_combinations_exit_2(tmp_path):
     r = sh('stl_run', '--quant', '4bit', '--out', str(tmp_path/'o'), env={'PYTHONPATH': str(tmp_path/'nobnb')})
     assert r.returncode == 2 and "quant='4bit' needs bitsandbytes" in r.stderr, r.stderr
     assert not (tmp_path/'o').exists()
+
+
+def test_fit_context_counts_images_as_the_run_loads_them(qwen_dir, tmp_path):
+    "Qwen2.5-VL's images are counted at the pixel cap `load_vlm` applies (256 tokens at most), not at the processor's own budget."
+    from PIL import Image
+    from stl_nb.data import samples_from_records
+    from stl_nb.loop import fit_context
+    from stl_nb.models import tiny_model
+    d = tiny_model(qwen_dir, tmp_path/'qwen', max_position_embeddings=640)   # room for 256 image tokens, the prompt and 192 new
+    recs = [dict(id=f'q{i}', image=Image.new('RGB', (s, s)), question='Which colour?', choices=['red', 'blue'], answer=0)
+            for i, s in enumerate((448, 1400))]                                  # 1400² uncapped: ~2,500 image tokens
+    s = fit_context(samples_from_records(recs), tiny_config(model=str(d)), 'test')
+    assert [x.id for x in s] == ['q0', 'q1'] and not s.rejected

@@ -6,7 +6,7 @@ import shutil, subprocess, sys, warnings
 import pytest, torch
 from PIL import Image
 import stl_nb.models as M
-from stl_nb.models import VLM, load_vlm, bnb_config, plan_memory
+from stl_nb.models import VLM, load_vlm, bnb_config, plan_memory, shrunk_config, tiny_model
 
 MSGS = [{'role': 'user', 'content': [{'type': 'image'}, {'type': 'text', 'text': 'What colour is the circle?\n(A) red\n(B) blue'}]}]
 SHORT = [{'role': 'user', 'content': [{'type': 'image'}, {'type': 'text', 'text': 'Colour?'}]}]
@@ -31,31 +31,9 @@ def llava(llava_dir): return VLM(None, processor(llava_dir), name='llava process
 @pytest.fixture
 def qwen(qwen_dir): return VLM(None, processor(qwen_dir), name='qwen processor')
 
-def tiny_config(src, kind):
-    "The real config of `src` with every size shrunk; float32 throughout."
-    from transformers import AutoConfig
-    c = AutoConfig.from_pretrained(src)
-    if kind == 'llava':
-        c.vision_config.update(dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2))
-    else:
-        c.vision_config.update(dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
-                                    fullatt_block_indexes=[0]))
-    c.text_config.update(dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16))
-    if kind == 'qwen':
-        c.text_config.update(dict(layer_types=['full_attention']*2, max_window_layers=2))
-        c.text_config.rope_parameters = {**c.text_config.rope_parameters, 'mrope_section': [2, 3, 3]}  # sums to head_dim/2
-    for x in (c, c.text_config, c.vision_config): x.dtype = torch.float32
-    return c
-
 def tiny_dir(src, kind, root):
     "A folder holding a tiny random model of the real class and the real processor (built once per session)."
-    if kind not in _tiny:
-        from transformers import AutoModelForImageTextToText
-        torch.manual_seed(0)
-        d = root/kind
-        AutoModelForImageTextToText.from_config(tiny_config(src, kind)).save_pretrained(d)
-        processor(src).save_pretrained(d)
-        _tiny[kind] = d
+    if kind not in _tiny: _tiny[kind] = tiny_model(src, root/kind)
     return _tiny[kind]
 
 @pytest.fixture(scope='session')
@@ -295,7 +273,7 @@ def test_plan_memory_real_7b_configs(llava_dir, qwen_dir):
     with pytest.raises(ValueError, match='unknown gpu'): plan_memory(qwen_dir, 'K80')
 
 def test_plan_memory_of_a_config_object(llava_dir):
-    p = plan_memory(tiny_config(llava_dir, 'llava'), 'T4')
+    p = plan_memory(shrunk_config(llava_dir), 'T4')
     assert p.params_4bit == 2*(4*64*64 - 2*64*32 + 3*64*128) and p.fits     # GQA: k, v project 64 -> 32
 
 # --------------------------------------------------------------------------- import cost

@@ -1,8 +1,9 @@
 """Two CPU processes under `accelerate launch --multi_gpu` (torchrun underneath; gloo on a machine without GPUs): generation shared
 out by question merges into the file one process writes; DDP training; and `stl_run` itself launched, killed and resumed."""
-import json, os, shutil, socket, subprocess, sys
+import json, os, socket, subprocess, sys
 from pathlib import Path
 import pytest
+from conftest import STL_RUN
 
 REPO = Path(__file__).resolve().parents[1]
 N = 8   # questions
@@ -44,7 +45,6 @@ def test_two_processes(tmp_path):
     assert (tmp_path/'train'/'adapter'/'adapter_config.json').exists() and (tmp_path/'train'/'train.json').exists()
 
 
-STL_RUN = next((p for p in (Path(sys.executable).parent/'stl_run', shutil.which('stl_run')) if p and Path(p).exists()), None)
 
 def test_stl_run_launched(tmp_path):
     "`stl_run` as two processes: killed while making negatives, resumed by the same command; its generated files are the bytes of a one-process run."

@@ -1,11 +1,11 @@
 """The vLLM backend (chapter 06a) in the loop, against a stand-in `vllm` module (vLLM needs a GPU and is not a dependency):
 one engine per run, a LoRA id per adapter folder, no transformers model loaded to generate, and clear refusals without vLLM."""
 import importlib.machinery, os, subprocess, sys, types
-from pathlib import Path
 from types import SimpleNamespace as NS
 import pytest
+from conftest import STL_RUN
 from stl_nb.generate import read_records
-from stl_nb.loop import RunError, STLConfig, run_stl, tiny_config, check_run
+from stl_nb.loop import RunError, run_stl, tiny_config, check_run
 import stl_nb.loop as loop
 
 POSITIVE = "CAPTION: a scene.\n\nREASONING: it is the first option.\n\nCONCLUSION: (A)"
@@ -58,9 +58,8 @@ def test_refused_without_vllm(monkeypatch, tmp_path):
     if importlib.util.find_spec('vllm') is not None: pytest.skip("vLLM is installed here")
     with pytest.raises(RunError, match='pip install vllm'): check_run(tiny_config(backend='vllm'))
     with pytest.raises(RunError, match="backend must be 'hf' or 'vllm'"): tiny_config(backend='tgi')
-    stl_run = Path(sys.executable).parent/'stl_run'
-    if not stl_run.exists(): pytest.skip("the stl_run command is not installed")
-    p = subprocess.run([str(stl_run), '--backend', 'vllm', '--out', str(tmp_path/'r')], capture_output=True, text=True, timeout=120)
+    if STL_RUN is None: pytest.skip("the stl_run command is not installed (pip install -e .)")
+    p = subprocess.run([str(STL_RUN), '--backend', 'vllm', '--out', str(tmp_path/'r')], capture_output=True, text=True, timeout=120)
     assert p.returncode == 2 and 'pip install vllm' in p.stderr and not (tmp_path/'r').exists()
 
 def test_old_config_without_backend_resumes(tmp_path):
