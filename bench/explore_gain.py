@@ -5,6 +5,8 @@ Ran once on an H200 (`python bench/explore_gain.py explore --out DIR`; results i
 
   explore  build base variants (GPU), run STL on a validation draw (data_seed 2) for each base and loop variant, in parallel
   strict   the stl-strict method on the standard draw (seeds 0-2) and the validation draw (bench/results/strict-h200.json)
+  search   loop settings for the shipped base on the validation draw, on the CPU (bench/results/search-cpu.json):
+           `python bench/explore_gain.py search L0 T7 T10 --seeds 0 --out bench/results --budget 3000`
   build / run   one job (used by the two above, one subprocess each)
 
 Everything runs in float32 (as on the CPU) so the figures transfer to the CPU default.
@@ -15,9 +17,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-BASES = {  # variants of EmbeddedConfig (B0 is the shipped model)
-    'B1': dict(n_caption=6000, n_direct=3000, steps=3000),
-    'B2': dict(n_caption=6000, n_seed=1200, seed_repeat=2, n_direct=600, steps=3000),
+BASES = {  # variants of EmbeddedConfig (B0 is the shipped model). B1 and B2 varied the first base (a seed of 400 rationales
+           # repeated 4 times, fields n_seed/seed_repeat that EmbeddedConfig no longer has); their results are in
+           # bench/results/explore-h200.json. Variants of the present base:
+    'B3': dict(shortcut=0.4),
+    'B4': dict(shortcut=0.8),
 }
 LOOPS = {  # variants of embedded_config, all with about the CPU cost of the default
     'L0': {},
@@ -25,6 +29,10 @@ LOOPS = {  # variants of embedded_config, all with about the CPU cost of the def
     'L2': dict(train=dict(lr=3e-4, epochs=2.0)),
     'L3': dict(train=dict(init='last')),
     'L4': dict(method='stl-no-negatives'),
+    # the search of the competent base (CPU, `search`): decoding of the training rationales
+    'T5': dict(gen=dict(temperature=0.5)),
+    'T7': dict(gen=dict(temperature=0.7)),
+    'T10': dict(gen=dict(temperature=1.0)),
 }
 
 def fp32():
@@ -45,9 +53,9 @@ def job_build(name, out):
     dev = 'cuda' if torch.cuda.is_available() else 'cpu'
     E.build_model = lambda cfg, tok: orig_model(cfg, tok).to(dev)
     VLM.encode = lambda self, *a, **k: orig_encode(self, *a, **k).to(dev)
-    cfg = E.EmbeddedConfig(**BASES[name]) if not os.environ.get('EXP_TINY') else E.EmbeddedConfig(n_caption=64, n_seed=16, n_negative=8, n_direct=8, steps=5)
+    cfg = E.EmbeddedConfig(**BASES[name]) if not os.environ.get('EXP_TINY') else E.EmbeddedConfig(n_caption=64, n_rationale=16, n_negative=8, n_direct=8, steps=5)
     t = time.time()
-    E.build_embedded(cfg, out=out, progress=False)
+    E.build_embedded(cfg, out=out, progress=False, n_judge=0 if os.environ.get('EXP_TINY') else 300)
     info = json.loads((Path(out)/'build.json').read_text()); info['device'] = dev
     if dev == 'cuda': info['gpu'] = torch.cuda.get_device_name(0)
     (Path(out)/'build.json').write_text(json.dumps(info))
@@ -56,9 +64,10 @@ def job_build(name, out):
 def make_cfg(model, loop, data_seed, out, seed=0, method=None, rounds=3):
     from dataclasses import replace
     from stl_nb.loop import embedded_config
-    kw = dict(LOOPS[loop]); tr = kw.pop('train', {})
+    kw = dict(LOOPS[loop]); tr = kw.pop('train', {}); gen = kw.pop('gen', {})
     cfg = embedded_config(model=model, data_seed=data_seed, seed=seed, out=out, rounds=rounds, **kw)
     if tr: cfg = replace(cfg, train=replace(cfg.train, **tr))
+    if gen: cfg = replace(cfg, gen=replace(cfg.gen, **gen))
     if method: cfg = replace(cfg, method=method)
     if os.environ.get('EXP_TINY'): cfg = replace(cfg, limit=12, test_limit=8, rounds=1)
     return cfg
@@ -134,15 +143,30 @@ def strict(work, out, budget):
     (Path(out)/'strict.json').write_text(json.dumps(dict(summary=s, failed=sorted(failed)), indent=1))
     for k, v in s.items(): print(k, v, flush=True)
 
+def search(work, out, budget, loops, seeds=(0,), max_par=2):
+    "Loop settings for the shipped base, on the validation draw (data_seed 2), 3 rounds each, on the CPU (2 processes at a time)."
+    work = Path(work)/'search'; (work/'val').mkdir(parents=True, exist_ok=True)
+    jobs = [(f'{l}-s{s}', ['run', json.dumps(make_cfg('embedded', l, 2, str(work/'val'/f'{l}-s{s}'), seed=s).to_dict())],
+             work/f'{l}-s{s}.log', None) for l in loops for s in seeds]
+    done, failed = pool(jobs, time.time() + budget, max_par=max_par)
+    s = summary(work/'val')
+    res = Path(out)/'search-cpu.json'
+    old = json.loads(res.read_text()) if res.exists() else dict(summary={})
+    old['summary'].update(s); old['loops'] = {k: LOOPS[k] for k in sorted(set(old.get('loops', {})) | set(loops))}
+    res.write_text(json.dumps(old, indent=1))
+    for k, v in s.items(): print(k, v, flush=True)
+
 if __name__ == '__main__':
     p = argparse.ArgumentParser()
     p.add_argument('cmd'); p.add_argument('rest', nargs='*')
     p.add_argument('--work', default='/tmp/exp'); p.add_argument('--out', default=os.environ.get('OUT', '/tmp/exp_out'))
     p.add_argument('--budget', type=float, default=400)
+    p.add_argument('--seeds', default='0')
     a = p.parse_args()
     Path(a.out).mkdir(parents=True, exist_ok=True)
     if a.cmd == 'build': job_build(*a.rest)
     elif a.cmd == 'run': job_run(a.rest[0])
     elif a.cmd == 'explore': explore(a.work, a.out, a.budget)
     elif a.cmd == 'strict': strict(a.work, a.out, a.budget)
+    elif a.cmd == 'search': search(a.work, a.out, a.budget, a.rest or ['L0', 'T7', 'T10'], seeds=[int(x) for x in a.seeds.split(',')])
     else: p.error(f'unknown command {a.cmd!r}')

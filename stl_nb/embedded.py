@@ -4,36 +4,79 @@
 
 # %% ../nbs/04_embedded.ipynb #49621917
 from __future__ import annotations
-import json, math, random, time
+import json, math, random, re, time
 from dataclasses import dataclass, asdict, field
 import torch
 from pathlib import Path
 
 from .data import Sample, letter
-from .world import WorldConfig, make_world, show_samples
+from .world import WorldConfig, Scene, NUMBERS, make_world, show_samples, hallucinations, words
 from .templates import (PromptStyle, chat, positive_prompt, negative_prompt, direct_prompt, star_prompt,
                               render_rationale, render_negative, direct_target, parse_rationale)
 from .models import VLM, load_vlm, STYLE_FILE
 
 # %% auto #0
-__all__ = ['EMBEDDED_STYLE', 'CAPTION_PROMPT', 'SPECIAL', 'CHAT_TEMPLATE', 'reference_negative', 'EmbeddedConfig',
-           'base_examples', 'prompt_corpus', 'build_tokenizer', 'build_processor', 'build_model', 'length_batches',
-           'pretrain', 'embedded_dir', 'build_embedded', 'stl_demo']
+__all__ = ['EMBEDDED_STYLE', 'CAPTION_PROMPT', 'SPECIAL', 'CHAT_TEMPLATE', 'PHASES', 'BASE_CRITERIA', 'plain_reasoning',
+           'reference_negative', 'shortcut_reasoning', 'taught_rationale', 'EmbeddedConfig', 'base_examples',
+           'prompt_corpus', 'build_tokenizer', 'build_processor', 'build_model', 'length_batches', 'pretrain',
+           'phase_examples', 'greedy_replies', 'criteria_draw', 'reasoned_value', 'base_scores', 'check_base',
+           'embedded_dir', 'build_embedded', 'stl_demo']
 
 # %% ../nbs/04_embedded.ipynb #2dee8b8d
 EMBEDDED_STYLE = PromptStyle(
     intro="answer the question.", sections_line="reply with {names}.", template="{intro} {sections_line}\n{question}{extra}",
     negative_intro="explain why the option is wrong.", options="options:",
-    direct="answer with the option.", direct_template="{intro} {direct}\n{question}")
+    direct="answer with the option.", direct_template="{intro} {direct}\n{question}",
+    answer="{text}")   # the conclusion names the option by its text: 'CONCLUSION: blue'
 CAPTION_PROMPT = "describe the image."  # the perception task's prompt
 
 # %% ../nbs/04_embedded.ipynb #57b58c23
+def plain_reasoning(reasoning:str) -> str:
+    "The world's reasoning without its letter: '... so the answer is blue, which is option (D).' -> '... so the answer is blue.'"
+    return re.sub(r', which is option \([A-Z]\)\.$', '.', reasoning.strip())
+
 def reference_negative(s:Sample, wrong:int) -> str:
-    "A ground-truth explanation of why option `wrong` of a world sample is wrong: the reasoning, ending on the contrast."
-    r = s.meta['reasoning']
-    body = r[:r.rfind('so the answer is')].strip()
-    return (f"{body} so the answer is {s.answer_text}, not {s.choices[wrong]}. "
-            f"option ({letter(wrong)}) {s.choices[wrong]} is wrong.").strip()
+    "A ground-truth explanation of why option `wrong` of a world sample is wrong: the sound reasoning, ending on the contrast."
+    r = plain_reasoning(s.meta['reasoning'])
+    body = r[:r.rfind(' so the answer is ')]
+    return f"{body} so the answer is {s.answer_text}, not {s.choices[wrong]}. so {s.choices[wrong]} is wrong."
+
+# %% ../nbs/04_embedded.ipynb #c0613384
+def _tally_all(scene:Scene) -> str:
+    "The running count of every shape: 'left one, right two' ('none' for an empty scene)."
+    return ', '.join(f'{scene.slot_names[o.slot]} {NUMBERS[k + 1]}' for k, o in enumerate(scene.objs)) or 'none'
+
+_COMPARE = re.compile(r'(\w+) (?:is more than|is less than|equals|is bigger than|is smaller than) (\w+)\.')
+_COUNTS = re.compile(r'\w+ (?:one|two|three|four|five)\b')
+
+def shortcut_reasoning(s:Sample) -> tuple|None:
+    "(reasoning, value) of the sloppy habit for `s`'s template, or None when the template has none."
+    r, scene = plain_reasoning(s.meta['reasoning']), Scene.from_dict(s.meta['scene'])
+    body, topic = r[:r.rfind(' so the answer is ')], s.topic
+    if topic in ('count_colour', 'count_size', 'count_not'):     # counts every shape, whatever the question asked
+        value = NUMBERS[len(scene.objs)]
+        body = re.sub(r'count: [^.]*\.$', f'count: {_tally_all(scene)}.', body)
+    elif topic == 'count_plus':                                  # forgets the one more
+        body = re.sub(r' one more makes \w+\.$', '', body)
+        value = NUMBERS[len(_COUNTS.findall(body.rsplit('count: ', 1)[1]))]
+    elif topic == 'how_many_more':                               # forgets to subtract: the first count
+        first = re.search(r'(\w+) minus \w+ is \w+\.$', body)[1]
+        body, value = body[:body.rfind(f' {first} minus')], first
+    elif topic in ('more_colour', 'more_shape', 'bigger'):       # the first thing named wins
+        a, b = _COMPARE.search(body).groups()
+        verb = 'is bigger than' if topic == 'bigger' else 'is more than'
+        body = _COMPARE.sub(f'{a} {verb} {b}.', body)
+        if topic == 'more_colour': value = re.search(r'more of, (\w+) shapes', s.question)[1]
+        elif topic == 'more_shape': value = 'yes'
+        else: value = re.search(r'bigger, the (.+) or the ', s.question)[1]
+    else: return None
+    return f'{body} so the answer is {value}.', value
+
+def taught_rationale(s:Sample, rng:random.Random, shortcut:float) -> tuple:
+    "(reasoning, answer index) the base is taught for `s`: the sound reasoning, or with probability `shortcut` the habit."
+    habit = shortcut_reasoning(s) if rng.random() < shortcut else None
+    if habit is None or habit[1] not in s.choices: return plain_reasoning(s.meta['reasoning']), s.answer
+    return habit[0], s.choices.index(habit[1])
 
 # %% ../nbs/04_embedded.ipynb #249ef7a4
 @dataclass(frozen=True)
@@ -41,39 +84,46 @@ class EmbeddedConfig:
     "Everything that determines the embedded model: its world, its size, its data and its training."
     world: WorldConfig = WorldConfig()  # the world it sees
     seed: int = 0                  # seeds the data, the initial weights and the batch order
-    n_caption: int = 3000          # caption examples (perception)
-    n_seed: int = 400              # structured-rationale examples (the few-shot seed)
-    seed_repeat: int = 4           # the seed is repeated so the formats are learnt among many more captions
-    nocap_frac: float = 0.25       # fraction of the seed rationales in the no-caption format
-    n_negative: int = 200          # negative-format examples
-    n_direct: int = 200            # direct-answer examples
+    n_caption: int = 4000          # caption examples (perception alone)
+    n_rationale: int = 20000       # structured-rationale examples, one fresh question each
+    nocap_frac: float = 0.15       # fraction of the rationales and negatives in the no-caption layout (the ablations')
+    shortcut: float = 0.6          # share of the counting and comparison rationales that follow the sloppy habit
+    n_negative: int = 4000         # negative-format examples
+    n_direct: int = 2000           # direct-answer examples
     vocab_size: int = 1024         # byte-level BPE vocabulary trained on the world's text and the prompts
-    vision_width: int = 128        # CLIP vision tower width (≥ 64: bitsandbytes 4-bit needs in_features ≥ 64)
+    vision_width: int = 128        # CLIP vision tower width (>= 64: bitsandbytes 4-bit needs in_features >= 64)
     vision_layers: int = 2
     text_width: int = 128          # Llama language model width
     text_layers: int = 4
     heads: int = 4
-    steps: int = 2400              # optimizer steps
+    phases: tuple = (('mix', 4000), ('mix+captions', 1000), ('captions', 2000), ('mix', 1000))  # (examples, steps): see below
     batch_size: int = 32
     lr: float = 3e-4               # feasibility notes: 3e-4 learnt colours and shapes, 1e-3 did not (6e-4 did not either, here)
-    warmup: int = 100              # linear warmup steps, then cosine decay
+    warmup: int = 200              # linear warmup steps of the first phase (later phases: 50), then cosine decay
+    fresh_captions: int = 16000    # fresh caption examples of a 'captions' or 'mix+captions' phase
+
+    @property
+    def steps(self) -> int: return sum(n for _, n in self.phases)
 
 # %% ../nbs/04_embedded.ipynb #2171041e
 def base_examples(cfg:EmbeddedConfig) -> list:
     "The (image, messages, target) triples the base model is trained on, from the world's train split."
-    n = cfg.n_caption + cfg.n_seed + cfg.n_negative + cfg.n_direct
-    world, rng, st = make_world(n, seed=cfg.seed, cfg=cfg.world, split='train'), random.Random(cfg.seed), EMBEDDED_STYLE
-    caps, seed = world[:cfg.n_caption], world[cfg.n_caption:cfg.n_caption + cfg.n_seed]
-    negs, direct = world[cfg.n_caption + cfg.n_seed:n - cfg.n_direct], world[n - cfg.n_direct:]
-    ex = [(s.image, chat(CAPTION_PROMPT), s.meta['caption']) for s in caps]
-    for i, s in enumerate(seed):
-        cap = i >= cfg.nocap_frac*len(seed)
-        ex += [(s.image, chat(positive_prompt(s, caption=cap, style=st)),
-                render_rationale((s.meta['caption'], s.meta['reasoning'], s.answer), s.choices, caption=cap))]*cfg.seed_repeat
-    for s in negs:
-        w = rng.choice([i for i in range(len(s.choices)) if i != s.answer])
-        ex.append((s.image, chat(negative_prompt(s, w, style=st)), render_negative(s.meta['caption'], reference_negative(s, w))))
-    ex += [(s.image, chat(direct_prompt(s, style=st)), direct_target(s)) for s in direct]
+    n_rat_end = cfg.n_caption + cfg.n_rationale
+    n_neg_end = n_rat_end + cfg.n_negative
+    world = make_world(n_neg_end + cfg.n_direct, seed=cfg.seed, cfg=cfg.world, split='train')
+    rng, st = random.Random(cfg.seed), EMBEDDED_STYLE
+    ex = [(s.image, chat(CAPTION_PROMPT), s.meta['caption']) for s in world[:cfg.n_caption]]
+    for s in world[cfg.n_caption:n_rat_end]:
+        cap = rng.random() >= cfg.nocap_frac
+        why, answer = taught_rationale(s, rng, cfg.shortcut)
+        target = render_rationale((s.meta['caption'], why, answer), s.choices, caption=cap, style=st)
+        ex.append((s.image, chat(positive_prompt(s, caption=cap, style=st)), target))
+    for s in world[n_rat_end:n_neg_end]:
+        wrong = rng.choice([i for i in range(len(s.choices)) if i != s.answer])
+        cap = rng.random() >= cfg.nocap_frac
+        target = render_negative(s.meta['caption'], reference_negative(s, wrong), caption_section=cap)
+        ex.append((s.image, chat(negative_prompt(s, wrong, caption=cap, style=st)), target))
+    ex += [(s.image, chat(direct_prompt(s, style=st)), direct_target(s, st)) for s in world[n_neg_end:]]
     return ex
 
 # %% ../nbs/04_embedded.ipynb #0f7885d7
@@ -139,14 +189,15 @@ def length_batches(examples, batch_size, rng):
         rng.shuffle(bs)
         for b in bs: yield [examples[i] for i in b]
 
-def pretrain(vlm:VLM, examples, cfg:EmbeddedConfig, progress=True) -> list:
-    "Train every weight of `vlm` on `examples` for `cfg.steps` steps; returns the loss of each step."
+def pretrain(vlm:VLM, examples, cfg:EmbeddedConfig, progress=True, steps=None, warmup=None, seed=None, desc='pretraining') -> list:
+    "Train every weight of `vlm` on `examples` for `steps` (default `cfg.steps`) steps with a fresh optimizer; the loss of each step."
     from tqdm.auto import tqdm
-    m, rng = vlm.model, random.Random(cfg.seed)
+    steps, warmup, seed = steps or cfg.steps, warmup or cfg.warmup, cfg.seed if seed is None else seed
+    m, rng = vlm.model, random.Random(seed)
     batches = length_batches(examples, cfg.batch_size, rng)
     opt = torch.optim.AdamW(m.parameters(), lr=cfg.lr, weight_decay=0.01)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: min(1, (i + 1)/cfg.warmup)*0.5*(1 + math.cos(math.pi*i/cfg.steps)))
-    losses, bar = [], tqdm(range(cfg.steps), disable=not progress, desc='pretraining')
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: min(1, (i + 1)/warmup)*0.5*(1 + math.cos(math.pi*i/steps)))
+    losses, bar = [], tqdm(range(steps), disable=not progress, desc=desc)
     m.train()
     for step in bar:
         batch = next(batches)
@@ -158,6 +209,75 @@ def pretrain(vlm:VLM, examples, cfg:EmbeddedConfig, progress=True) -> list:
     m.eval()
     return losses
 
+PHASES = ('mix', 'captions', 'mix+captions')
+
+def phase_examples(cfg:EmbeddedConfig, kind:str, k:int) -> list:
+    "Phase `k`'s examples: the mix of `base_examples`, fresh captions (a draw of its own), or both."
+    if kind not in PHASES: raise ValueError(f"phase {k}: {kind!r} is not one of {PHASES}")
+    fresh = make_world(cfg.fresh_captions, seed=cfg.seed + k, cfg=cfg.world, split='train') if 'captions' in kind else []
+    captions = [(s.image, chat(CAPTION_PROMPT), s.meta['caption']) for s in fresh]
+    return captions + (base_examples(cfg) if 'mix' in kind else [])
+
+# %% ../nbs/04_embedded.ipynb #85f1b210
+def greedy_replies(vlm:VLM, samples, prompt, batch_size:int=50, max_new_tokens:int=192) -> list:
+    "Greedy replies of `vlm` to `prompt(s)` for each sample, with plain `model.generate`."
+    out = []
+    for i in range(0, len(samples), batch_size):
+        batch = samples[i:i + batch_size]
+        b = vlm.encode([s.image for s in batch], [chat(prompt(s)) for s in batch]).to(vlm.device)
+        with torch.no_grad():
+            g = vlm.model.generate(**b, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=vlm.eos_token_ids)
+        out += vlm.decode(g[:, b['input_ids'].shape[1]:])
+    return out
+
+def criteria_draw(n:int=300, cfg:WorldConfig=WorldConfig()) -> list:
+    "The held-out questions the base is judged on: the world's test split, drawn with seed 4242."
+    return make_world(n, seed=4242, cfg=cfg, split='test')
+
+def reasoned_value(reasoning) -> str|None:
+    "The value a reasoning arrives at: the words after its last 'so the answer is', up to a full stop or comma."
+    found = re.findall(r'so the answer is ([^.,]+)', str(reasoning or ''))
+    return found[-1].strip() if found else None
+
+def _reply_row(s:Sample, text:str) -> dict:
+    "What the criteria need to know about one reply."
+    r = parse_rationale(text, s.choices)
+    value = reasoned_value(r.reasoning)
+    reached = [i for i, c in enumerate(s.choices) if value is not None and words(value) == words(c)]
+    caption = r.caption or ''
+    return dict(domain=s.domain, right=r.answer == s.answer, unparsed=r.answer is None, answer=r.answer,
+                reached=reached[0] if reached else None, chance=1/len(s.choices),
+                caption_exact=words(caption) == words(s.meta['caption']),
+                hallucinated=bool(hallucinations(caption, s.meta['scene'])))
+
+def base_scores(samples, replies) -> dict:
+    "The criteria's measurements on structured `replies` to `samples`: seeing, format, answering what it reasons, accuracy."
+    rows = [_reply_row(s, t) for s, t in zip(samples, replies)]
+    share = lambda key, rs: sum(r[key] for r in rs)/max(1, len(rs))
+    reached = [r for r in rows if r['reached'] is not None]
+    domains = {d: [r for r in rows if r['domain'] == d] for d in sorted({r['domain'] for r in rows})}
+    return dict(n=len(rows), caption_exact=share('caption_exact', rows), hallucinated=share('hallucinated', rows),
+                unparsed=share('unparsed', rows), n_reached=len(reached),
+                follows=sum(r['answer'] == r['reached'] for r in reached)/max(1, len(reached)),
+                accuracy=share('right', rows),
+                domain_accuracy={d: share('right', rs) for d, rs in domains.items()},
+                domain_chance={d: share('chance', rs) for d, rs in domains.items()})
+
+def _above_chance(m): return all(a >= m['domain_chance'][d] + .05 for d, a in m['domain_accuracy'].items())
+
+BASE_CRITERIA = (   # (criterion, test of base_scores' dict): the paper's regime, "sees well, follows the format, reasons weakly"
+    ('sees: captions exactly right >= 85%',               lambda m: m['caption_exact'] >= .85),
+    ('sees: captions stating an absent fact <= 10%',      lambda m: m['hallucinated'] <= .10),
+    ('follows the format: unparseable replies <= 1%',     lambda m: m['unparsed'] <= .01),
+    ('answers what it reasons: >= 97%',                   lambda m: m['follows'] >= .97),
+    ('reasons weakly: accuracy 35-70%',                   lambda m: .35 <= m['accuracy'] <= .70),
+    ('reasons weakly: every domain >= chance + 5 points', _above_chance),
+    ('reasons weakly: two domains or more below 65%',     lambda m: sum(a < .65 for a in m['domain_accuracy'].values()) >= 2))
+
+def check_base(scores:dict) -> dict:
+    "{criterion: met} of `scores` (from `base_scores`) against `BASE_CRITERIA`."
+    return {what: bool(test(scores)) for what, test in BASE_CRITERIA}
+
 # %% ../nbs/04_embedded.ipynb #4a124347
 def embedded_dir() -> Path:
     "Where the package keeps its embedded model."
@@ -165,20 +285,36 @@ def embedded_dir() -> Path:
     return Path(stl_nb.__file__).parent/'assets'/'embedded'
 
 def _jsonable(o):
-    return {k: _jsonable(v) for k, v in o.items()} if isinstance(o, dict) else list(o) if isinstance(o, tuple) else o
+    "`o` as JSON reads it back: dicts and lists all the way down."
+    if isinstance(o, dict): return {k: _jsonable(v) for k, v in o.items()}
+    if isinstance(o, (tuple, list)): return [_jsonable(v) for v in o]
+    return o
 
-def build_embedded(cfg:EmbeddedConfig=EmbeddedConfig(), out=None, progress=True) -> VLM:
-    "Build, train and save the embedded base VLM (into the package's assets unless `out` is given)."
+def _machine(vlm:VLM) -> str:
+    "The machine a build ran on, in words: 'cpu (x86_64, 2 cores, 2 torch threads)' or the GPU's name."
+    import os, platform
+    if vlm.device.type == 'cuda': return torch.cuda.get_device_name(vlm.device)
+    return f"cpu ({platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads)"
+
+def build_embedded(cfg:EmbeddedConfig=EmbeddedConfig(), out=None, progress=True, n_judge:int=300) -> VLM:
+    "Build, train, judge (`n_judge` held-out questions; 0: skip) and save the embedded base VLM (into the package's assets unless `out` is given)."
     start = time.time()
     random.seed(cfg.seed); torch.manual_seed(cfg.seed)
     tok = build_tokenizer(prompt_corpus(cfg), cfg.vocab_size)
     vlm = VLM(build_model(cfg, tok), build_processor(tok, cfg), name='embedded', style=EMBEDDED_STYLE)
-    losses = pretrain(vlm, base_examples(cfg), cfg, progress)
+    losses = []
+    for k, (kind, steps) in enumerate(cfg.phases):
+        losses += pretrain(vlm, phase_examples(cfg, kind, k), cfg, progress, steps, cfg.warmup if k == 0 else 50, cfg.seed + k,
+                           f'phase {k + 1}: {kind}')
+    seconds = round(time.time() - start, 1)
     out = Path(out or embedded_dir()); out.mkdir(parents=True, exist_ok=True)
     vlm.model.save_pretrained(out); vlm.processor.save_pretrained(out)
     (out/STYLE_FILE).write_text(json.dumps(asdict(EMBEDDED_STYLE), indent=1))
-    info = dict(config=_jsonable(asdict(cfg)), seconds=round(time.time() - start, 1), losses=[round(l, 4) for l in losses],
-                params=sum(p.numel() for p in vlm.model.parameters()), torch=torch.__version__)
+    info = dict(config=_jsonable(asdict(cfg)), seconds=seconds, losses=[round(l, 4) for l in losses],
+                params=sum(p.numel() for p in vlm.model.parameters()), torch=torch.__version__, machine=_machine(vlm))
+    if n_judge:
+        judged = criteria_draw(n_judge, cfg.world)
+        info['criteria'] = base_scores(judged, greedy_replies(vlm, judged, lambda s: positive_prompt(s, style=EMBEDDED_STYLE)))
     (out/'build.json').write_text(json.dumps(info))
     return vlm
 
@@ -194,7 +330,7 @@ def stl_demo(n:int=4,      # how many test questions to show
     prompts = [positive_prompt(s, style=vlm.style) for s in samples]
     b = vlm.encode([s.image for s in samples], [chat(p) for p in prompts])
     with torch.no_grad():
-        g = vlm.model.generate(**b, max_new_tokens=160, do_sample=False, eos_token_id=vlm.eos_token_ids)
+        g = vlm.model.generate(**b, max_new_tokens=192, do_sample=False, eos_token_id=vlm.eos_token_ids)
     right = 0
     for s, p, t in zip(samples, prompts, vlm.decode(g[:, b['input_ids'].shape[1]:])):
         r = parse_rationale(t, s.choices)

@@ -131,10 +131,11 @@ def keep_correct(records, samples, strict:bool=False) -> tuple:
 # %% ../nbs/07_filter.ipynb #f9a967de
 def _example(r:dict, s:Sample, style:PromptStyle) -> tuple:
     "(image, messages, target) of one kept reply."
-    if r['kind'] == 'direct': return (s.image, chat(direct_prompt(s, style)), direct_target(s))
+    if r['kind'] == 'direct': return (s.image, chat(direct_prompt(s, style)), direct_target(s, style))
     cap = r['kind'] != 'positive-nocap'
     p = parse_rationale(r['raw'], s.choices, caption=cap)
-    return (s.image, chat(positive_prompt(s, caption=cap, style=style)), render_rationale(p, s.choices, caption=cap))
+    target = render_rationale(p, s.choices, caption=cap, style=style)
+    return (s.image, chat(positive_prompt(s, caption=cap, style=style)), target)
 
 def positive_examples(records, samples, style:PromptStyle=PromptStyle()) -> list:
     "Training examples (image, hint-free messages, re-rendered target) of kept rationale and direct-answer records."

@@ -373,7 +373,7 @@ def examples_of(positives:list, negatives:list, samples, style) -> list:
 
 def direct_examples(samples, style) -> list:
     "The `direct` baseline's examples: every question, its gold option as the target."
-    return [Example(s.image, chat(direct_prompt(s, style)), direct_target(s), 'direct', s.id) for s in samples]
+    return [Example(s.image, chat(direct_prompt(s, style)), direct_target(s, style), 'direct', s.id) for s in samples]
 
 def rationalize(vlm, kept:list, samples, out_dir, cfg:GenConfig, rnd=None, adapter=None, progress:bool=True, replies=None) -> list:
     "STaR's second chance: the questions not answered right, asked again with the gold answer as a hint; the replies that reach it."

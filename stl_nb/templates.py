@@ -34,6 +34,7 @@ class PromptStyle:
     wrong: str = "Explain why this option is wrong: {option}"             # names the distractor
     hint: str = "Hint: the correct answer is {option}."                   # STaR rationalization only
     direct: str = "Answer with the correct option only."                  # direct-answer instruction
+    answer: str = "({letter}) {text}"                                     # how a conclusion or direct answer names its option
     template: str = "{intro} {sections_line}\n{sections}\n\n{question}{extra}"  # positive, negative and STaR prompts
     direct_template: str = "{intro}\n\n{question}\n{direct}"              # direct-answer prompt
 
@@ -130,26 +131,27 @@ class Rationale:
         return self.has_reasoning and self.answer is not None and (self.has_caption or not self.caption_section)
 
 # %% ../nbs/02_templates.ipynb #05df94aa
-def _conclusion(answer:int, choices:list) -> str:
-    "'(B) blue': the letter in parentheses, then the option text on one line."
+def _conclusion(answer:int, choices:list, style:PromptStyle=PromptStyle()) -> str:
+    "The chosen option as `style.answer` names it: '(B) blue' by default, 'blue' for a style that answers by text."
     if not isinstance(answer, int) or not 0 <= answer < len(choices):
         raise ValueError(f"answer {answer!r} is not an option index (0..{len(choices)-1})")
-    return f"({letter(answer)}) {_one_line(choices[answer])}".strip()
+    return style.answer.format(letter=letter(answer), lower=letter(answer).lower(), text=_one_line(choices[answer])).strip()
 
 def _section(name:str, text) -> str:
     "'NAME: text', refusing a missing or empty text."
     if text is None or not str(text).strip(): raise ValueError(f"the {name} section is missing or empty")
     return f"{name}: {str(text).strip()}"
 
-def render_rationale(r, choices:list, caption:bool=True) -> str:
+def render_rationale(r, choices:list, caption:bool=True, style:PromptStyle=PromptStyle()) -> str:
     "The training target 'CAPTION: ...\\n\\nREASONING: ...\\n\\nCONCLUSION: (B) blue' of `r` (a `Rationale` or a tuple)."
     c, why, ans = (r.caption, r.reasoning, r.answer) if isinstance(r, Rationale) else r
-    parts = ([_section(CAPTION, c)] if caption else []) + [_section(REASONING, why), f"{CONCLUSION}: {_conclusion(ans, choices)}"]
+    conclusion = f"{CONCLUSION}: {_conclusion(ans, choices, style)}"
+    parts = ([_section(CAPTION, c)] if caption else []) + [_section(REASONING, why), conclusion]
     return '\n\n'.join(parts)
 
-def direct_target(s:Sample) -> str:
-    "The direct-answer target: '(B) blue'."
-    return _conclusion(s.answer, s.choices)
+def direct_target(s:Sample, style:PromptStyle=PromptStyle()) -> str:
+    "The direct-answer target: '(B) blue' (or what `style.answer` makes of it)."
+    return _conclusion(s.answer, s.choices, style)
 
 # %% ../nbs/02_templates.ipynb #62ed9949
 def _plain(t) -> str:
