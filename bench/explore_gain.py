@@ -53,7 +53,7 @@ def job_build(name, out):
     dev = 'cuda' if torch.cuda.is_available() else 'cpu'
     E.build_model = lambda cfg, tok: orig_model(cfg, tok).to(dev)
     VLM.encode = lambda self, *a, **k: orig_encode(self, *a, **k).to(dev)
-    cfg = E.EmbeddedConfig(**BASES[name]) if not os.environ.get('EXP_TINY') else E.EmbeddedConfig(n_caption=64, n_rationale=16, n_negative=8, n_direct=8, steps=5)
+    cfg = E.EmbeddedConfig(**BASES[name]) if not os.environ.get('EXP_TINY') else E.EmbeddedConfig(n_caption=64, n_rationale=16, n_negative=8, n_direct=8, phases=(('mix', 5),))
     t = time.time()
     E.build_embedded(cfg, out=out, progress=False, n_judge=0 if os.environ.get('EXP_TINY') else 300)
     info = json.loads((Path(out)/'build.json').read_text()); info['device'] = dev

@@ -132,9 +132,9 @@ CHAT_TEMPLATE = ("{% for m in messages %}{% if m['role'] == 'user' %}USER: {% fo
                  "{% if c['type'] == 'image' %}<image>\n{% else %}{{ c['text'] }}{% endif %}{% endfor %} ASSISTANT:"
                  "{% else %}{% for c in m['content'] %}{{ c['text'] }}{% endfor %}</s>{% endif %}{% endfor %}")
 
-def prompt_corpus(cfg:EmbeddedConfig, n=600) -> list:
-    "Every kind of text the model will read or write, for training the tokenizer."
-    ex = base_examples(cfg)
+def prompt_corpus(cfg:EmbeddedConfig, n=600, examples=None) -> list:
+    "Every kind of text the model will read or write (`examples`: `base_examples(cfg)`, when already made), for training the tokenizer."
+    ex = base_examples(cfg) if examples is None else examples
     texts = [t for _, _, t in ex] + [m[0]['content'][1]['text'] for _, m, _ in ex]
     for s in make_world(n, seed=cfg.seed + 1, cfg=cfg.world):
         w = (s.answer + 1) % len(s.choices)
@@ -211,12 +211,13 @@ def pretrain(vlm:VLM, examples, cfg:EmbeddedConfig, progress=True, steps=None, w
 
 PHASES = ('mix', 'captions', 'mix+captions')
 
-def phase_examples(cfg:EmbeddedConfig, kind:str, k:int) -> list:
-    "Phase `k`'s examples: the mix of `base_examples`, fresh captions (a draw of its own), or both."
+def phase_examples(cfg:EmbeddedConfig, kind:str, k:int, mix=None) -> list:
+    "Phase `k`'s examples: the mix of `base_examples` (`mix`, when already made), fresh captions (a draw of its own), or both."
     if kind not in PHASES: raise ValueError(f"phase {k}: {kind!r} is not one of {PHASES}")
     fresh = make_world(cfg.fresh_captions, seed=cfg.seed + k, cfg=cfg.world, split='train') if 'captions' in kind else []
     captions = [(s.image, chat(CAPTION_PROMPT), s.meta['caption']) for s in fresh]
-    return captions + (base_examples(cfg) if 'mix' in kind else [])
+    if 'mix' not in kind: return captions
+    return captions + (base_examples(cfg) if mix is None else mix)
 
 # %% ../nbs/04_embedded.ipynb #85f1b210
 def greedy_replies(vlm:VLM, samples, prompt, batch_size:int=50, max_new_tokens:int=192) -> list:
@@ -300,11 +301,12 @@ def build_embedded(cfg:EmbeddedConfig=EmbeddedConfig(), out=None, progress=True,
     "Build, train, judge (`n_judge` held-out questions; 0: skip) and save the embedded base VLM (into the package's assets unless `out` is given)."
     start = time.time()
     random.seed(cfg.seed); torch.manual_seed(cfg.seed)
-    tok = build_tokenizer(prompt_corpus(cfg), cfg.vocab_size)
+    mix = base_examples(cfg)   # made once: the tokenizer's corpus and every 'mix' phase share it
+    tok = build_tokenizer(prompt_corpus(cfg, examples=mix), cfg.vocab_size)
     vlm = VLM(build_model(cfg, tok), build_processor(tok, cfg), name='embedded', style=EMBEDDED_STYLE)
     losses = []
     for k, (kind, steps) in enumerate(cfg.phases):
-        losses += pretrain(vlm, phase_examples(cfg, kind, k), cfg, progress, steps, cfg.warmup if k == 0 else 50, cfg.seed + k,
+        losses += pretrain(vlm, phase_examples(cfg, kind, k, mix), cfg, progress, steps, cfg.warmup if k == 0 else 50, cfg.seed + k,
                            f'phase {k + 1}: {kind}')
     seconds = round(time.time() - start, 1)
     out = Path(out or embedded_dir()); out.mkdir(parents=True, exist_ok=True)
@@ -328,11 +330,9 @@ def stl_demo(n:int=4,      # how many test questions to show
     vlm = load_vlm('embedded')
     samples = make_world(n, seed=seed, split='test')
     prompts = [positive_prompt(s, style=vlm.style) for s in samples]
-    b = vlm.encode([s.image for s in samples], [chat(p) for p in prompts])
-    with torch.no_grad():
-        g = vlm.model.generate(**b, max_new_tokens=192, do_sample=False, eos_token_id=vlm.eos_token_ids)
+    texts = greedy_replies(vlm, samples, lambda s: positive_prompt(s, style=vlm.style))
     right = 0
-    for s, p, t in zip(samples, prompts, vlm.decode(g[:, b['input_ids'].shape[1]:])):
+    for s, p, t in zip(samples, prompts, texts):
         r = parse_rationale(t, s.choices)
         right += r.answer == s.answer
         got = '(unparsed)' if r.answer is None else f"({letter(r.answer)}) {s.choices[r.answer]}"
