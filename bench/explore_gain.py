@@ -143,11 +143,12 @@ def strict(work, out, budget):
     (Path(out)/'strict.json').write_text(json.dumps(dict(summary=s, failed=sorted(failed)), indent=1))
     for k, v in s.items(): print(k, v, flush=True)
 
-def search(work, out, budget, loops, seeds=(0,), max_par=2):
-    "Loop settings for the shipped base, on the validation draw (data_seed 2), 3 rounds each, on the CPU (2 processes at a time)."
+def search(work, out, budget, loops, seeds=(0,), max_par=2, model='embedded', tag=''):
+    "Loop settings for a base (default: the shipped one), on the validation draw (data_seed 2), 3 rounds each, on the CPU (2 processes at a time)."
     work = Path(work)/'search'; (work/'val').mkdir(parents=True, exist_ok=True)
-    jobs = [(f'{l}-s{s}', ['run', json.dumps(make_cfg('embedded', l, 2, str(work/'val'/f'{l}-s{s}'), seed=s).to_dict())],
-             work/f'{l}-s{s}.log', None) for l in loops for s in seeds]
+    name = lambda l, s: f'{tag}{l}-s{s}'
+    jobs = [(name(l, s), ['run', json.dumps(make_cfg(model, l, 2, str(work/'val'/name(l, s)), seed=s).to_dict())],
+             work/f'{name(l, s)}.log', None) for l in loops for s in seeds]
     done, failed = pool(jobs, time.time() + budget, max_par=max_par)
     s = summary(work/'val')
     res = Path(out)/'search-cpu.json'
@@ -162,11 +163,14 @@ if __name__ == '__main__':
     p.add_argument('--work', default='/tmp/exp'); p.add_argument('--out', default=os.environ.get('OUT', '/tmp/exp_out'))
     p.add_argument('--budget', type=float, default=400)
     p.add_argument('--seeds', default='0')
+    p.add_argument('--model', default='embedded', help='the base: embedded (shipped) or a saved folder')
+    p.add_argument('--tag', default='', help='prefix of the run names (which base)')
     a = p.parse_args()
     Path(a.out).mkdir(parents=True, exist_ok=True)
     if a.cmd == 'build': job_build(*a.rest)
     elif a.cmd == 'run': job_run(a.rest[0])
     elif a.cmd == 'explore': explore(a.work, a.out, a.budget)
     elif a.cmd == 'strict': strict(a.work, a.out, a.budget)
-    elif a.cmd == 'search': search(a.work, a.out, a.budget, a.rest or ['L0', 'T7', 'T10'], seeds=[int(x) for x in a.seeds.split(',')])
+    elif a.cmd == 'search': search(a.work, a.out, a.budget, a.rest or ['L0', 'T7', 'T10'], seeds=[int(x) for x in a.seeds.split(',')],
+                                          model=a.model, tag=a.tag)
     else: p.error(f'unknown command {a.cmd!r}')

@@ -4,8 +4,10 @@
 
 # %% ../nbs/04_embedded.ipynb #49621917
 from __future__ import annotations
-import json, math, random, re, time
+import difflib, json, math, random, re, time
+from collections import Counter
 from dataclasses import dataclass, asdict, field
+import pandas as pd
 import torch
 from pathlib import Path
 
@@ -20,7 +22,7 @@ __all__ = ['EMBEDDED_STYLE', 'CAPTION_PROMPT', 'SPECIAL', 'CHAT_TEMPLATE', 'PHAS
            'reference_negative', 'shortcut_reasoning', 'taught_rationale', 'EmbeddedConfig', 'base_examples',
            'prompt_corpus', 'build_tokenizer', 'build_processor', 'build_model', 'length_batches', 'pretrain',
            'phase_examples', 'greedy_replies', 'criteria_draw', 'reasoned_value', 'base_scores', 'check_base',
-           'embedded_dir', 'build_embedded', 'stl_demo']
+           'embedded_dir', 'build_embedded', 'habit_table', 'reasoning_form', 'kept_habits', 'stl_demo']
 
 # %% ../nbs/04_embedded.ipynb #2dee8b8d
 EMBEDDED_STYLE = PromptStyle(
@@ -319,6 +321,44 @@ def build_embedded(cfg:EmbeddedConfig=EmbeddedConfig(), out=None, progress=True,
         info['criteria'] = base_scores(judged, greedy_replies(vlm, judged, lambda s: positive_prompt(s, style=EMBEDDED_STYLE)))
     (out/'build.json').write_text(json.dumps(info))
     return vlm
+
+# %% ../nbs/04_embedded.ipynb #903665d1
+def habit_table(samples, replies) -> pd.DataFrame:
+    "Per family, among questions where the habit and the sound reasoning differ: the share of replies reaching each value."
+    rows = {}
+    for s, t in zip(samples, replies):
+        habit = shortcut_reasoning(s)
+        if habit is None or habit[1] == s.answer_text: continue
+        value = reasoned_value(parse_rationale(t, s.choices).reasoning) or ''
+        row = rows.setdefault(s.domain, Counter())
+        row['questions'] += 1
+        row['sound (gold value) %'] += words(value) == words(s.answer_text)
+        row['habit value %'] += words(value) == words(habit[1])
+    df = pd.DataFrame(rows).T
+    for c in ('sound (gold value) %', 'habit value %'): df[c] = (100*df[c]/df['questions']).round(1)
+    return df
+
+# %% ../nbs/04_embedded.ipynb #f0rms001
+def reasoning_form(s:Sample, reasoning:str|None) -> str|None:
+    "The steps a reasoning about world sample `s` took: 'sound', 'habit', or 'same' where they coincide; None if `s` has no habit."
+    habit = shortcut_reasoning(s)
+    if habit is None: return None
+    said, sound, sloppy = words(reasoning or ''), words(plain_reasoning(s.meta['reasoning'])), words(habit[0])
+    if sound == sloppy: return 'same'
+    closeness = lambda steps: difflib.SequenceMatcher(None, said, steps).ratio()
+    return 'sound' if closeness(sound) >= closeness(sloppy) else 'habit'
+
+def kept_habits(records:list, samples) -> pd.DataFrame:
+    "Rationale records on the habit templates by form (`reasoning_form`), split by whether the habit's value is the gold one."
+    by_id = {s.id: s for s in samples}
+    rows = {'habit reaches a wrong value': Counter(), 'habit reaches the gold value': Counter()}
+    for r in records:
+        s = by_id[r['id']]
+        form = reasoning_form(s, r.get('reasoning'))
+        if form is None: continue
+        lucky = words(shortcut_reasoning(s)[1]) == words(s.answer_text)
+        rows['habit reaches the gold value' if lucky else 'habit reaches a wrong value'][form] += 1
+    return pd.DataFrame(rows).T.reindex(columns=['sound', 'habit', 'same']).fillna(0).astype(int)
 
 # %% ../nbs/04_embedded.ipynb #fc067f8a
 from fastcore.script import call_parse

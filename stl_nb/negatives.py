@@ -4,14 +4,14 @@
 
 # %% ../nbs/08_negatives.ipynb #348862ae
 from __future__ import annotations
-import contextvars, functools, json
+import contextvars, functools, json, re
 from collections import Counter
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, asdict, field
 from pathlib import Path
 from .data import Sample, SampleError, letter, letter_index
 from .templates import PromptStyle, chat, negative_prompt, parse_negative, render_negative
-from .world import WorldConfig, hallucinations, missing_needs, mentions_option, named_option
+from .world import WorldConfig, hallucinations, missing_needs, mentions_option, named_option, words
 from .generate import (GenConfig, Job, run_jobs, reply_jobs, generate, generate_batch, prompt_text, style_of,
                              decoding, replies_of, seeded, on_device, pad_id)
 from .filter import FilterReport, keep_correct, positive_examples, sample_of, index_samples
@@ -19,8 +19,8 @@ from .durable import is_main, write_atomic
 
 # %% auto #0
 __all__ = ['AUDIT', 'negative_jobs', 'split_prompts', 'shares_prefix', 'prefix_cache', 'prefix_attention', 'cascades',
-           'prefix_mode', 'generate_shared', 'reply_shared', 'make_negatives', 'negative_examples', 'audit_one',
-           'NegativeAudit', 'audit_negatives', 'RoundData', 'generate_round']
+           'prefix_mode', 'generate_shared', 'reply_shared', 'make_negatives', 'negative_examples', 'blamed_option',
+           'audit_one', 'NegativeAudit', 'audit_negatives', 'RoundData', 'generate_round']
 
 # %% ../nbs/08_negatives.ipynb #089d6e88
 def negative_jobs(kept:list, samples, n:int=1, caption:bool=True) -> list:
@@ -216,9 +216,19 @@ def negative_examples(records:list, samples, style:PromptStyle=PromptStyle()) ->
     return [_negative_example(r, sample_of(by_id, r), style) for r in records]
 
 # %% ../nbs/08_negatives.ipynb #7a21234b
-AUDIT = {'names_distractor': "the explanation names the distractor: option (X)",
+def blamed_option(explanation:str, choices:list) -> str|None:
+    "The letter of the option `explanation` calls wrong: its last 'option (x)', else the option its last 'so ... is wrong' names."
+    named = named_option(explanation)
+    if named is not None: return named
+    found = re.findall(r'so (?:option )?([^.,]+?) is (?:wrong|incorrect|not correct)', str(explanation or '').lower())
+    if not found: return None
+    said = words(found[-1])
+    hits = [i for i, c in enumerate(choices) if words(c) == said]
+    return letter(hits[0]) if hits else None
+
+AUDIT = {'names_distractor': "the explanation calls the distractor wrong",
          'mentions_distractor': "the explanation contains the distractor's text",
-         'blames_answer': "the explanation's last option (X) is the correct answer",
+         'blames_answer': "the option it calls wrong is the correct answer",
          'explanation_hallucinates': "the explanation states a scene fact the scene lacks",
          'caption_hallucinates': "the caption states a fact the scene lacks",
          'caption_misses': "the caption lacks a fact the question needs"}
@@ -227,8 +237,9 @@ def audit_one(r:dict, s:Sample, cfg:WorldConfig=WorldConfig()) -> dict:
     "The `AUDIT` flags of one negative record about world sample `s` (caption flags only when it has a caption)."
     n, w, scene = parse_negative(r['raw'], caption=r['kind'] == 'negative'), letter_index(r['wrong']), s.meta['scene']
     e = n.explanation or ''
-    flags = dict(names_distractor=named_option(e) == r['wrong'], mentions_distractor=mentions_option(e, s.choices[w]),
-                 blames_answer=named_option(e) == s.answer_letter, explanation_hallucinates=bool(hallucinations(e, scene, cfg)))
+    blamed = blamed_option(e, s.choices)
+    flags = dict(names_distractor=blamed == r['wrong'], mentions_distractor=mentions_option(e, s.choices[w]),
+                 blames_answer=blamed == s.answer_letter, explanation_hallucinates=bool(hallucinations(e, scene, cfg)))
     if n.caption is None: return flags
     return flags | dict(caption_hallucinates=bool(hallucinations(n.caption, scene, cfg)), caption_misses=bool(missing_needs(n.caption, s, cfg)))
 
