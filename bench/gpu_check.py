@@ -6,6 +6,11 @@ fixtures (`--fixture`), directly on the device in bf16, then its language model 
 quantization, bf16 compute), the vision tower, projector and lm_head kept 16-bit as `stl_nb.models.bnb_config` does.
 It measures, each in turn and each guarded (a failure is recorded and the next measurement still runs):
 
+  fastgen     (chapter 06c, issue 17) a fresh model with a LoRA adapter: today's 4-bit path at `--fast-base-batch`, then the
+              same model merged into one 16-bit copy (`stl_nb.fastgen.merge_model`) at each `--fast-batch`, every one over
+              `--fast-prompts` prompts of mixed text length in job order and sorted by length: new tokens/s, peak memory,
+              pad tokens, and the fraction of the bandwidth bound (batch × bandwidth / weight bytes tokens/s);
+              `--fast-options` adds eager attention, a static cache and torch.compile at the best batch
   generation  samples/s of greedy `generate` with `--new-tokens` fixed-length replies (EOS suppressed):
               one prompt per call vs batches of `--gen-batch` prompts; each prompt is 1 + 576 image + 40 text tokens
   training    one QLoRA step (peft LoRA r=128, alpha=256 on every linear layer of the language model, gradient
@@ -17,6 +22,7 @@ Without bitsandbytes it says so and still runs everything in bf16 (the report's 
 
     python bench/gpu_check.py --fixture ../shared/fixtures/llava-1.5-7b-hf --out gpu_check.json
     python bench/gpu_check.py --tiny --new-tokens 16 --out /tmp/tiny.json     # CPU, ~30 s
+    python bench/gpu_check.py --skip generate train --fast-options --out bench/results/gpu_check-fastgen.json   # issue 17 only
 """
 import argparse, gc, json, os, platform, resource, sys, tempfile, time, traceback
 from pathlib import Path
@@ -44,7 +50,13 @@ def parse_args(argv=None):
     p.add_argument('--new-tokens', type=int, default=128, help='generated tokens per reply')
     p.add_argument('--gen-batch', type=int, nargs='+', default=[8, 16], help='batch sizes of batched generation')
     p.add_argument('--gen-single', type=int, default=4, help='prompts generated one at a time (the baseline)')
-    p.add_argument('--skip', nargs='*', default=[], choices=('generate', 'train'))
+    p.add_argument('--skip', nargs='*', default=[], choices=('generate', 'train', 'fastgen'))
+    p.add_argument('--fast-batch', type=int, nargs='+', default=[16, 64, 128], help='fastgen: batches of the merged 16-bit copy')
+    p.add_argument('--fast-base-batch', type=int, default=16, help="fastgen: the batch of today's 4-bit path")
+    p.add_argument('--fast-prompts', type=int, default=128, help='fastgen: prompts per measurement (at least the largest batch)')
+    p.add_argument('--fast-text', type=int, nargs=2, default=[20, 300], help='fastgen: text tokens per prompt, drawn from lo..hi')
+    p.add_argument('--fast-options', action='store_true', help='fastgen: also eager attention, static cache, torch.compile at the best batch')
+    p.add_argument('--bandwidth', type=float, default=None, help='memory bandwidth in TB/s (default: by GPU name)')
     p.add_argument('--seed', type=int, default=0)
     return p.parse_args(argv)
 
@@ -296,6 +308,109 @@ def measure_training(model, cfg, a, device, dtype, quantized) -> dict:
     return res
 
 
+# ---------------------------------------------------------------- fast generation (chapter 06c)
+
+BANDWIDTH = {'H200': 4.8e12, 'H100': 3.35e12, 'A100-SXM4-80GB': 2.04e12, 'A100': 1.555e12, 'L40S': 0.864e12, 'A10G': 0.6e12,
+             'L4': 0.3e12, 'T4': 0.32e12}   # bytes/s of HBM/GDDR by the device name's first match (`--bandwidth` overrides)
+
+def bandwidth(device, given=None):
+    "Memory bandwidth in bytes/s: `--bandwidth` (TB/s), else by the GPU's name, else None (a CPU)."
+    import torch
+    if given: return given*1e12
+    if device.type != 'cuda': return None
+    name = torch.cuda.get_device_name(device)
+    return next((b for k, b in BANDWIDTH.items() if k in name), None)
+
+def mixed_prompts(cfg, n, device, dtype, lo, hi, seed=0):
+    "`n` prompts of bos + image tokens + a random number (lo..hi) of text tokens: (list of id rows, pixels)."
+    import torch
+    g = torch.Generator().manual_seed(seed)
+    n_img, img_id = n_image_tokens(cfg), cfg.image_token_index
+    lens = torch.randint(lo, hi + 1, (n,), generator=g).tolist()
+    rows = [[1] + [img_id]*n_img + torch.randint(3, min(img_id, cfg.text_config.vocab_size), (l,), generator=g).tolist() for l in lens]
+    v = cfg.vision_config
+    return rows, torch.randn(n, 3, v.image_size, v.image_size, generator=g).to(dtype)
+
+def fast_rate(model, cfg, a, device, rows, pixels, bs, sort, weight_bytes, bw, **gen_kw) -> dict:
+    "Tokens/s and peak memory of greedy generation of `rows` in batches of `bs` (left-padded; `sort`: by length first)."
+    import torch
+    from transformers import GenerationConfig
+    gcfg = GenerationConfig(max_new_tokens=a.new_tokens, min_new_tokens=a.new_tokens, do_sample=False, eos_token_id=None,
+                            pad_token_id=cfg.pad_token_id or 0, **gen_kw)
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i])) if sort else list(range(len(rows)))
+    def run(idx):
+        L = max(len(rows[i]) for i in idx)
+        ids = torch.tensor([[0]*(L - len(rows[i])) + rows[i] for i in idx], device=device)
+        mask = torch.tensor([[0]*(L - len(rows[i])) + [1]*len(rows[i]) for i in idx], device=device)
+        with torch.inference_mode():
+            model.generate(input_ids=ids, attention_mask=mask, pixel_values=pixels[idx].to(device), generation_config=gcfg)
+        return L*len(idx) - sum(len(rows[i]) for i in idx)
+    run(order[:bs]); sync(device)                                        # warm-up (kernels, allocator, compile)
+    with Peak(device) as pk: pads = sum(run(order[i:i + bs]) for i in range(0, len(order), bs))
+    tps = len(rows)*a.new_tokens/pk.seconds
+    bound = bs*bw/weight_bytes if bw else None                           # one decode step reads every weight once
+    return {'batch_size': bs, 'sorted': sort, 'prompts': len(rows), 'pad_tokens': pads, 'seconds': round(pk.seconds, 3),
+            'new_tokens_per_s': round(tps, 1), 'peak_gb': gib(pk.peak),
+            'bound_tokens_per_s': bound and round(bound, 1), 'fraction_of_bound': bound and round(tps/bound, 3)}
+
+def measure_fastgen(cfg, a, device, dtype, bnb) -> dict:
+    "Today's 4-bit path with a LoRA adapter against the merged 16-bit copy (`stl_nb.fastgen.merge_model`), at several batches, unsorted and sorted."
+    import torch
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from stl_nb.fastgen import merge_model
+    from peft import LoraConfig, get_peft_model
+    model = build_model(cfg, device, dtype)
+    n_params = sum(p.numel() for p in model.parameters())
+    if bnb is not None: quantize_swap(model, bnb, device, dtype, keep_16bit(model))
+    w4 = sum(p.numel()*p.element_size() for p in model.parameters())   # the stored (packed) bytes
+    model = get_peft_model(model, LoraConfig(r=a.lora_r, lora_alpha=a.lora_alpha, target_modules=lora_targets(model),
+                                             init_lora_weights=False)).eval()
+    bw, w16 = bandwidth(device, a.bandwidth), n_params*torch.finfo(dtype).bits//8   # the merged copy, in `dtype` (bf16 on a GPU)
+    rows, pixels = mixed_prompts(cfg, a.fast_prompts, device, dtype, *a.fast_text)
+    res = {'bandwidth_tb_s': bw and bw/1e12, 'weights_4bit_gb': gib(w4), 'weights_16bit_gb': gib(w16),
+           'new_tokens': a.new_tokens, 'text_tokens': a.fast_text, 'runs': []}
+    def measure(label, m, bs, sort, wbytes, **kw):
+        try: r = {'path': label, **fast_rate(m, cfg, a, device, rows, pixels, bs, sort, wbytes, bw, **kw)}
+        except Exception as e:
+            traceback.print_exc(); r = {'path': label, 'batch_size': bs, 'sorted': sort, 'error': f"{type(e).__name__}: {str(e)[:300]}"}
+        print('  ', fast_line(r), flush=True); res['runs'].append(r)
+        gc.collect()
+        if device.type == 'cuda': torch.cuda.empty_cache()
+        return r
+    q = '4-bit+LoRA' if bnb is not None else f'{str(dtype)[6:]}+LoRA'
+    for sort in (False, True): measure(q, model, a.fast_base_batch, sort, w4)
+    with Peak(device) as pk: model = merge_model(model, dtype)
+    gc.collect()
+    if device.type == 'cuda': torch.cuda.empty_cache()
+    res.update(merge_s=round(pk.seconds, 2), merge_peak_gb=gib(pk.peak), after_merge_gb=gib(torch.cuda.memory_allocated(device))
+               if device.type == 'cuda' else None, linear4bit_left=sum(type(m).__name__ == 'Linear4bit' for m in model.modules()))
+    for bs in a.fast_batch:
+        for sort in (False, True): measure('merged 16-bit', model, bs, sort, w16)
+    if a.fast_options:
+        ok = [r for r in res['runs'] if r['path'] == 'merged 16-bit' and 'error' not in r]
+        best = max(ok, key=lambda r: r['new_tokens_per_s'])['batch_size'] if ok else a.fast_batch[0]
+        try:
+            model.set_attn_implementation('eager'); measure('merged, eager attention', model, best, True, w16)
+            model.set_attn_implementation('sdpa')
+        except Exception as e: res['runs'].append({'path': 'merged, eager attention', 'error': f"{type(e).__name__}: {e}"})
+        measure('merged, static cache', model, best, True, w16, cache_implementation='static')
+        try:
+            model.forward = torch.compile(model.forward, mode='reduce-overhead', dynamic=False)
+            measure('merged, static cache + torch.compile', model, best, True, w16, cache_implementation='static')
+        except Exception as e: res['runs'].append({'path': 'merged, torch.compile', 'error': f"{type(e).__name__}: {e}"})
+    base = next((r for r in res['runs'] if r['path'] == q and not r['sorted'] and 'error' not in r), None)
+    for r in res['runs']:
+        if base and 'error' not in r: r['speedup_vs_4bit'] = round(r['new_tokens_per_s']/base['new_tokens_per_s'], 2)
+    return res
+
+def fast_line(r) -> str:
+    if 'error' in r: return f"{r['path']:<38} batch {r['batch_size']:>3} {'sorted' if r['sorted'] else 'job order':<9} ERROR {r['error']}"
+    b = '' if r['fraction_of_bound'] is None else f"  {100*r['fraction_of_bound']:5.1f}% of {r['bound_tokens_per_s']:.0f} bound"
+    s = f"  ×{r['speedup_vs_4bit']} vs 4-bit" if 'speedup_vs_4bit' in r else ''
+    return (f"{r['path']:<38} batch {r['batch_size']:>3} {'sorted' if r['sorted'] else 'job order':<9} {r['new_tokens_per_s']:9.1f} tok/s"
+            f"  peak {r['peak_gb']} GB  pad {r['pad_tokens']}{b}{s}")
+
+
 # ---------------------------------------------------------------- report
 
 def table(rep) -> str:
@@ -322,6 +437,12 @@ def table(rep) -> str:
             if k.startswith('batch_'):
                 lines.append(f"  {k:<14} " + (f"ERROR {r['error']}" if 'error' in r else
                              f"peak {r['peak_gb']:7.2f} GB  {r['tokens_per_s']:9.1f} tokens/s  {r['step_s']} s/step"))
+    f = rep.get('fastgen', {})
+    if f.get('runs'):
+        lines.append(f"fast generation ({f['new_tokens']} new tokens, greedy, EOS off, text {f['text_tokens'][0]}..{f['text_tokens'][1]} tokens; "
+                     f"weights 4-bit {f['weights_4bit_gb']} GiB, 16-bit {f['weights_16bit_gb']} GiB; bandwidth {f['bandwidth_tb_s']} TB/s; "
+                     f"merged in {f.get('merge_s')} s, {f.get('linear4bit_left')} Linear4bit left):")
+        lines += ['  ' + fast_line(r) for r in f['runs']]
     for e in rep['errors']: lines.append(f"ERROR {e}")
     for w in rep['warnings']: lines.append(f"WARNING {w}")
     lines.append(f"total {rep['total_s']} s")
@@ -376,8 +497,12 @@ def main(argv=None):
         traceback.print_exc(); rep['errors'].append(f"model: {type(e).__name__}: {str(e)[:500]}")
         save(); print(table(rep)); return rep
     for part, fn in (('generation', lambda: measure_generation(model, cfg, a, device, dtype)),
-                     ('training', lambda: measure_training(model, cfg, a, device, dtype, bnb is not None))):
+                     ('training', lambda: measure_training(model, cfg, a, device, dtype, bnb is not None)),
+                     ('fastgen', lambda: measure_fastgen(cfg, a, device, dtype, bnb))):
         if part[:5] in {s[:5] for s in a.skip}: continue
+        if part == 'fastgen':                  # it builds its own model: free the other first
+            model = None; gc.collect()
+            if device.type == 'cuda': torch.cuda.empty_cache()
         print(f"measuring {part} ...", flush=True)
         try: rep[part] = fn()
         except Exception as e:

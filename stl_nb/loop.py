@@ -21,6 +21,7 @@ from .evaluate import (score, round_row, load_run, plot_rounds, plot_domains, pl
                              method_colours)
 from .durable import barrier, is_main, write_atomic
 from .vllm import vllm_backend, vllm_engine
+from .fastgen import generation_model   # chapter 06c: the HF backend's generation-time model
 
 # %% auto #0
 __all__ = ['METHODS', 'PAPER_METHODS', 'DATASETS', 'WORLD_SIZE', 'Method', 'RunError', 'STLConfig', 'embedded_config',
@@ -307,7 +308,7 @@ class Run:
 
     def generator(self, adapter:str|None=None) -> tuple:
         "(vlm, replies) that generate with round `adapter`'s model: backend 'hf', the model in memory and the library's own batches (replies None); 'vllm', the run's one engine with that adapter, the VLM only rendering prompts."
-        if self.cfg.backend == 'hf': return self.model(adapter), None
+        if self.cfg.backend == 'hf': return generation_model(self, adapter)   # chapter 06c: a merged 16-bit copy when it fits, else self.model(adapter)
         if self.engine is None:
             self.free()
             self.engine = (vllm_engine(self.cfg.model, self.cfg.train.lora_r, self.cfg.seed), processor_vlm(self.cfg.model))

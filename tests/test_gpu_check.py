@@ -16,7 +16,7 @@ def run(llava_dir, tmp_path, *extra, pre=''):
     return json.loads(out.read_text()), p.stdout
 
 def test_tiny_qlora(llava_dir, tmp_path):
-    rep, stdout = run(llava_dir, tmp_path)
+    rep, stdout = run(llava_dir, tmp_path, '--skip', 'fastgen')
     assert rep['errors'] == [] and rep['warnings'] == [], (rep['errors'], rep['warnings'])
     m = rep['model']
     assert m['quant_path'] == 'swap' and m['linear4bit'] == 14 and m['image_tokens'] == 576
@@ -29,9 +29,23 @@ def test_tiny_qlora(llava_dir, tmp_path):
         assert r['seq_len'] == 1 + 576 + 31 and r['tokens_per_s'] > 0 and r['peak_gb'] > 0
     assert 'generation (6 new tokens' in stdout and 'batch_2' in stdout
 
+FAST = ['--skip', 'generate', 'train', '--fast-batch', '2', '4', '--fast-base-batch', '2', '--fast-prompts', '4', '--fast-text', '5', '30']
+
+def test_tiny_fastgen(llava_dir, tmp_path):
+    "Issue 17's part: 4-bit + LoRA, then the merged copy at two batches, unsorted and sorted, each with its peak and pad tokens."
+    rep, stdout = run(llava_dir, tmp_path, *FAST)
+    assert rep['errors'] == [] and 'generation' not in rep and 'training' not in rep
+    f = rep['fastgen']
+    assert f['linear4bit_left'] == 0 and f['bandwidth_tb_s'] is None          # a CPU: no bound to compare with
+    runs = [(r['path'], r['batch_size'], r['sorted']) for r in f['runs']]
+    assert runs == [('4-bit+LoRA', 2, False), ('4-bit+LoRA', 2, True)] + [('merged 16-bit', b, s) for b in (2, 4) for s in (False, True)]
+    assert all(r['new_tokens_per_s'] > 0 and r['peak_gb'] > 0 and 'speedup_vs_4bit' in r for r in f['runs'])
+    assert f['runs'][1]['pad_tokens'] <= f['runs'][0]['pad_tokens']          # sorted batches pad no more
+    assert 'fast generation (6 new tokens' in stdout and 'merged 16-bit' in stdout
+
 def test_without_bitsandbytes(llava_dir, tmp_path):
     "On a machine without bitsandbytes it says so and measures 16/32-bit LoRA instead."
-    rep, stdout = run(llava_dir, tmp_path, '--skip', 'generate', '--train-batch', '1', pre="sys.modules['bitsandbytes'] = None; ")
+    rep, stdout = run(llava_dir, tmp_path, '--skip', 'generate', 'fastgen', '--train-batch', '1', pre="sys.modules['bitsandbytes'] = None; ")
     assert rep['errors'] == [] and 'bitsandbytes is not importable' in rep['warnings'][0]
     assert 'generation' not in rep and rep['training']['lora_layer_types'] == ['peft.tuners.lora.layer.Linear']
     assert 'WARNING bitsandbytes is not importable' in stdout
