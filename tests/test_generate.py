@@ -96,7 +96,10 @@ def test_model_replies_differ_so_equality_checks_mean_something(vlm, world):
     rs = reply_jobs(vlm, jobs_for(world[:16]), GenConfig(max_new_tokens=16))
     assert len({r.text for r in rs}) >= 12
 
-def test_batched_equals_one_at_a_time(vlm, world):
+def test_batched_equals_one_at_a_time(world):
+    # float64: a random tiny model has near-tied logits, and in float32 the summation order of a padded batch flipped
+    # 1 of these 64 greedy replies on one CPU (2026-12-02); in float64 all 64 agree, so the test is about batching, not rounding
+    vlm = tiny_vlm(); vlm.model.to(torch.float64)
     cfg = GenConfig(max_new_tokens=20)
     jobs = jobs_for(world[:32], KINDS)
     batched = [r for b in batches(jobs, 16) for r in reply_jobs(vlm, b, cfg)]
