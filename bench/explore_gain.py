@@ -11,7 +11,7 @@ Ran once on an H200 (`python bench/explore_gain.py explore --out DIR`; results i
 
 Everything runs in float32 (as on the CPU) so the figures transfer to the CPU default.
 """
-import argparse, json, os, subprocess, sys, time
+import argparse, json, os, re, subprocess, sys, time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,6 +29,16 @@ LOOPS = {  # variants of embedded_config, all with about the CPU cost of the def
     'L2': dict(train=dict(lr=3e-4, epochs=2.0)),
     'L3': dict(train=dict(init='last')),
     'L4': dict(method='stl-no-negatives'),
+    'L5': dict(train=dict(epochs=2.0, init='last')),
+    'L6': dict(train=dict(lr=2e-3)),
+    # consistency checks on what the filter keeps (not library features: `checks` installs them in the run's process)
+    'N': dict(checks='N'),     # negatives: caption = the kept positive's caption, and no other answer stated than the shown one
+    'NP': dict(checks='NP'),   # ... and positives: every 'slot: thing' the reasoning quotes is in its own caption
+    # several sampled replies per question, the first right one kept; negatives greedy, one per wrong option
+    'K': dict(gen=dict(temperature=1.0, n=4), per_question=1, neg_temperature=0.0),
+    'K7': dict(gen=dict(temperature=0.7, n=4), per_question=1, neg_temperature=0.0),
+    'K-last': dict(gen=dict(temperature=1.0, n=4), per_question=1, neg_temperature=0.0, train=dict(init='last')),
+    'K-ep2': dict(gen=dict(temperature=1.0, n=4), per_question=1, neg_temperature=0.0, train=dict(epochs=2.0)),
     # the search of the competent base (CPU, `search`): decoding of the training rationales
     'T5': dict(gen=dict(temperature=0.5)),
     'T7': dict(gen=dict(temperature=0.7)),
@@ -61,10 +71,44 @@ def job_build(name, out):
     (Path(out)/'build.json').write_text(json.dumps(info))
     print(f'built {name} in {time.time() - t:.0f} s', flush=True)
 
+_QUOTE = re.compile(r'(left|middle|right): ([a-z ]+?)\.')
+
+def quotes_caption(reasoning, caption) -> bool:
+    "Whether every 'slot: thing' the reasoning quotes is what its own caption says of that slot."
+    said = dict(_QUOTE.findall((caption or '').lower()))
+    return all(said.get(slot) == thing for slot, thing in _QUOTE.findall((reasoning or '').lower()))
+
+def stated_answer(explanation):
+    "The value a negative says the answer is ('... so the answer is V, not W.'), or None."
+    found = re.findall(r'the answer is ([^,.]+?), not', (explanation or '').lower())
+    return found[-1] if found else None
+
+def install_checks(which:str):
+    "Drop kept records that fail the consistency checks `which` ('N': negatives, 'P': positives) before a round trains."
+    import stl_nb.loop as L
+    from stl_nb.templates import parse_negative
+    from stl_nb.world import words
+    plain = L.examples_of
+    def checked(positives, negatives, samples, style):
+        by_id = {s.id: s for s in samples}
+        if 'P' in which: positives = [r for r in positives if quotes_caption(r.get('reasoning'), r.get('caption'))]
+        if 'N' in which:
+            caption_of = {r['id']: words(r.get('caption') or '') for r in positives}
+            keep = []
+            for r in negatives:
+                n = parse_negative(r['raw'])
+                said = stated_answer(n.explanation)
+                if r['id'] not in caption_of or words(n.caption or '') != caption_of[r['id']]: continue
+                if said is not None and words(said) != words(by_id[r['id']].answer_text): continue
+                keep.append(r)
+            negatives = keep
+        return plain(positives, negatives, samples, style)
+    L.examples_of = checked
+
 def make_cfg(model, loop, data_seed, out, seed=0, method=None, rounds=3):
     from dataclasses import replace
     from stl_nb.loop import embedded_config
-    kw = dict(LOOPS[loop]); tr = kw.pop('train', {}); gen = kw.pop('gen', {})
+    kw = dict(LOOPS[loop]); tr = kw.pop('train', {}); gen = kw.pop('gen', {}); kw.pop('checks', None)
     cfg = embedded_config(model=model, data_seed=data_seed, seed=seed, out=out, rounds=rounds, **kw)
     if tr: cfg = replace(cfg, train=replace(cfg.train, **tr))
     if gen: cfg = replace(cfg, gen=replace(cfg.gen, **gen))
@@ -72,9 +116,10 @@ def make_cfg(model, loop, data_seed, out, seed=0, method=None, rounds=3):
     if os.environ.get('EXP_TINY'): cfg = replace(cfg, limit=12, test_limit=8, rounds=1)
     return cfg
 
-def job_run(spec):
+def job_run(spec, checks=''):
     fp32()
     from stl_nb.loop import run_stl, STLConfig
+    if checks: install_checks(checks)
     cfg = STLConfig.from_dict(json.loads(spec))
     t = time.time()
     m = run_stl(cfg, progress=False)
@@ -111,7 +156,9 @@ def summary(runs_dir):
             gain_last=round(100*(acc[-1] - acc[0]), 1) if len(acc) > 1 else None,
             gain_best=round(100*(max(acc[1:]) - acc[0]), 1) if len(acc) > 1 else None,
             unparsed=[r['unparsed'] for r in m['rounds']], pos=[r['n_positive'] for r in m['rounds']],
-            neg=[r['n_negative'] for r in m['rounds']], sec=[round(r['seconds']) for r in m['rounds']])
+            neg=[r['n_negative'] for r in m['rounds']], sec=[round(r['seconds']) for r in m['rounds']],
+            domains_round0={d: round(100*a, 1) for d, a in m['rounds'][0].get('domain_accuracy', {}).items()},
+            domains_last={d: round(100*a, 1) for d, a in m['rounds'][-1].get('domain_accuracy', {}).items()})
     return rows
 
 def explore(work, out, budget):
@@ -147,7 +194,7 @@ def search(work, out, budget, loops, seeds=(0,), max_par=2, model='embedded', ta
     "Loop settings for a base (default: the shipped one), on the validation draw (data_seed 2), 3 rounds each, on the CPU (2 processes at a time)."
     work = Path(work)/'search'; (work/'val').mkdir(parents=True, exist_ok=True)
     name = lambda l, s: f'{tag}{l}-s{s}'
-    jobs = [(name(l, s), ['run', json.dumps(make_cfg(model, l, 2, str(work/'val'/name(l, s)), seed=s).to_dict())],
+    jobs = [(name(l, s), ['run', json.dumps(make_cfg(model, l, 2, str(work/'val'/name(l, s)), seed=s).to_dict()), LOOPS[l].get('checks', '')],
              work/f'{name(l, s)}.log', None) for l in loops for s in seeds]
     done, failed = pool(jobs, time.time() + budget, max_par=max_par)
     s = summary(work/'val')
@@ -168,7 +215,7 @@ if __name__ == '__main__':
     a = p.parse_args()
     Path(a.out).mkdir(parents=True, exist_ok=True)
     if a.cmd == 'build': job_build(*a.rest)
-    elif a.cmd == 'run': job_run(a.rest[0])
+    elif a.cmd == 'run': job_run(*a.rest)
     elif a.cmd == 'explore': explore(a.work, a.out, a.budget)
     elif a.cmd == 'strict': strict(a.work, a.out, a.budget)
     elif a.cmd == 'search': search(a.work, a.out, a.budget, a.rest or ['L0', 'T7', 'T10'], seeds=[int(x) for x in a.seeds.split(',')],
