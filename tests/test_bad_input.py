@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 from conftest import STL_RUN
 import stl_nb
-from stl_nb.bad_input import CASES, outcome, catalogue
+from bad_input_cases import CASES, outcome, catalogue
 
 @pytest.fixture(scope='module', autouse=True)
 def one_thread():
