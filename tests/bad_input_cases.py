@@ -1,6 +1,6 @@
-"""The bad-input catalogue of chapter 12: every kind of broken data, configuration, disk or model output the library
+"""The bad-input catalogue of chapter 14a: every kind of broken data, configuration, disk or model output the library
 knows about, as `Case`s whose outcome is whatever the library does when they run. A test fixture, not the library:
-`tests/test_bad_input.py` runs each case and checks its message, and chapter 12 shows the table (it puts `tests/` on
+`tests/test_bad_input.py` runs each case and checks its message, and chapter 14a shows the table (it puts `tests/` on
 `sys.path` to import this file). The disk cases patch with pytest's `MonkeyPatch`; every folder a case makes is a
 `TemporaryDirectory`, gone when the case ends."""
 from __future__ import annotations
@@ -16,7 +16,7 @@ from stl_nb.templates import positive_prompt, render_rationale, parse_rationale,
 from stl_nb.filter import judge, DROP_REASONS
 from stl_nb.generate import GenConfig
 from stl_nb.loop import STLConfig, tiny_config, check_run, prepare_out, load_model, fit_context, run_stl, Run
-import stl_nb.loop as loop
+from stl_nb.cli import _main
 
 EMBEDDED = Path(stl_nb.__file__).parent/'assets'/'embedded'   # the shipped model's folder (chapter 04)
 
@@ -93,9 +93,8 @@ def _rounds_zero():
 def _cli(f, prog='stl_run'):
     "Run `f` as the command line does (`_main`), raising its `SystemExit` with the error line attached as `stderr`."
     err = io.StringIO()
-    with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stderr(err):
-        mp.setattr(loop, 'is_cli', lambda: True)
-        try: loop._main(prog, f)
+    with contextlib.redirect_stderr(err):
+        try: _main(prog, f)
         except SystemExit as e:
             e.stderr = err.getvalue().strip().splitlines()[-1]   # the error line, after any progress bar
             raise

@@ -1,4 +1,4 @@
-"""The bad-input catalogue of chapter 12, one test per row, and the command line's answer to an unwritable folder; the
+"""The bad-input catalogue of chapter 14a, one test per row, and the command line's answer to an unwritable folder; the
 safety rules (issue 8): no remote code unless asked, safetensors only, nothing unpickled or executed from data."""
 import ast, inspect, json, os, re, subprocess
 from pathlib import Path

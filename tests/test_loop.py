@@ -4,7 +4,8 @@ from dataclasses import replace
 from pathlib import Path
 import pytest
 from stl_nb.loop import (METHODS, PAPER_METHODS, Method, RunError, STLConfig, tiny_config, embedded_config, real_config, run_stl, run_compare,
-                         load_data, prepare_out, config_diff, paired_gain, mean_run, comparison_table, share_files, cli_config)
+                         load_data, prepare_out, config_diff, paired_gain, mean_run, comparison_table, share_files)
+from stl_nb.cli import cli_config, run_parser
 from stl_nb.generate import GenConfig, read_records
 from stl_nb.models import _embedded_dir
 
@@ -92,7 +93,10 @@ def test_paired_gain_and_means():
 
 def test_cli_config():
     assert cli_config().out == 'runs/stl' and cli_config(model='org/name').quant == '4bit'
-    assert cli_config(quant='none', model='org/name').quant is None and cli_config(domains='a, b').domains == ('a', 'b')
+    assert cli_config(quant=None, model='org/name').quant is None and cli_config(domains=('a', 'b')).domains == ('a', 'b')
+    flags = vars(run_parser().parse_args(['--quant', 'none', '--domains', 'a, b', '--data_seed', '2', '--gen.temperature', '.5']))
+    assert {k: flags[k] for k in ('quant', 'domains', 'data_seed', 'gen.temperature')} == dict(quant=None, domains=('a', 'b'),
+                                                                                            data_seed=2, **{'gen.temperature': .5})
     with pytest.raises(RunError, match='unknown method'): cli_config(method='x')
 
 # ---------------------------------------------------------------- a real tiny run
