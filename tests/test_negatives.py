@@ -26,11 +26,7 @@ kept_of = lambda samples: [dict(id=s.id, kind='positive') for s in samples]
 @pytest.fixture
 def vlm(): return tiny_vlm()
 
-def written(s, w, caption=True):
-    "A ground-truth negative for option `w` of world sample `s`."
-    r = s.meta['reasoning']; body = r[:r.rfind('so the answer is')].strip()
-    expl = f"{body} so the answer is {s.answer_text}, not {s.choices[w]}. option ({letter(w)}) {s.choices[w]} is wrong."
-    return render_negative(s.meta['caption'], expl, caption_section=caption)
+from conftest import written
 
 # --------------------------------------------------------------------------- jobs and prompt splitting
 
