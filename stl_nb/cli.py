@@ -52,10 +52,10 @@ def _help(path:str, doc:str|None) -> str:
     return '; '.join(t for t in (doc, more) if t) + f" ({dflt})"
 
 def config_flags(parser, skip=()):
-    "Add a flag to `parser` for every field of `STLConfig`, the nested configs' as `--train.lr`; names in `skip` left out."
+    "Add to `parser` a flag for every field of `STLConfig`, the nested configs' as `--train.lr`, but those in `skip`."
     groups = {None: parser.add_argument_group('the run (STLConfig)')}
     docs = {None: docments(STLConfig)} | {k: docments(c) for k, c in SUBCONFIGS.items()}
-    for sub in SUBCONFIGS: groups[sub] = parser.add_argument_group(f"{sub}: {docs[None][sub]} ({SUBCONFIGS[sub].__name__})")
+    for sub, cls in SUBCONFIGS.items(): groups[sub] = parser.add_argument_group(f"{sub}: {docs[None][sub]} ({cls.__name__})")
     todo = [(None, f) for f in fields(STLConfig) if f.name not in SUBCONFIGS]
     todo += [(sub, f) for sub, cls in SUBCONFIGS.items() for f in fields(cls) if f.name != 'seed']   # seed: --seed
     for sub, f in todo:
@@ -69,7 +69,7 @@ def config_flags(parser, skip=()):
 
 # %% ../nbs/13_cli.ipynb #ba466079
 def cli_config(config:str|None=None, **flags) -> STLConfig:
-    "The config a command line asks for: `--config` or the model's preset, then every flag given (dotted for nested ones)."
+    "The config a command line asks for: `--config` or the model's preset, then every flag given (nested ones dotted)."
     try:
         model = flags.get('model', 'embedded')
         if config: base = STLConfig.from_dict(read_json(config))
@@ -98,7 +98,7 @@ def quiet_bars():
     hf_logging.disable_progress_bar()
 
 def _main(prog:str, f, threads:int|None=None, quiet:bool=False):
-    "Set the threads and bars and run `f`: a `RunError` becomes one line on stderr and exit code 2, a disk error exit 1."
+    "Set the threads and bars, run `f`: a `RunError` becomes one line on stderr and exit code 2, a disk error exit 1."
     try:
         set_threads(threads)
         if quiet: quiet_bars()
@@ -123,10 +123,13 @@ def _parser(prog:str, description:str) -> argparse.ArgumentParser:
 def _command_flags(parser):
     "The flags of the command itself, not of the config."
     g = parser.add_argument_group('the command')
-    g.add_argument('--config', metavar='FILE', help="a config.json to start from (an earlier run's, say); the flags given override it")
-    g.add_argument('--overwrite', action='store_true', help="if OUT holds a run of another config, delete it and start again")
+    g.add_argument('--config', metavar='FILE',
+                   help="a config.json to start from (an earlier run's, say); the flags given override it")
+    g.add_argument('--overwrite', action='store_true',
+                   help="if OUT holds a run of another config, delete it and start again")
     g.add_argument('--threads', type=int, metavar='N',
-                   help="CPU threads for torch (default 1 without a GPU: faster on the tiny model when other programs share the cores)")
+                   help="CPU threads for torch (default 1 without a GPU: faster on the tiny model when other programs "
+                        "share the cores)")
     g.add_argument('--quiet', action='store_true', help="no progress bars or per-round lines")
     return parser
 
@@ -167,10 +170,13 @@ def compare_parser() -> argparse.ArgumentParser:
                 "and figures into OUT.")
     g = p.add_argument_group('the comparison')
     g.add_argument('--methods', default=','.join(PAPER_METHODS), metavar='A,B',
-                   help=f"comma-separated methods, any of {', '.join(METHODS)} (default: the paper's, {','.join(PAPER_METHODS)})")
-    g.add_argument('--seeds', default='0', metavar='A,B', help="comma-separated seeds; every method runs once per seed (zero-shot once)")
+                   help=f"comma-separated methods, any of {', '.join(METHODS)} "
+                        f"(default: the paper's, {','.join(PAPER_METHODS)})")
+    g.add_argument('--seeds', default='0', metavar='A,B',
+                   help="comma-separated seeds; every method runs once per seed (zero-shot once)")
     g.add_argument('--out', default='runs/compare', metavar='TEXT',
-                   help="output folder: OUT/<method>/seed_<s>/ per run, OUT/compare.md, compare.csv, plots/ (default runs/compare)")
+                   help="output folder: OUT/<method>/seed_<s>/ per run, OUT/compare.md, compare.csv, plots/ "
+                        "(default runs/compare)")
     return _command_flags(config_flags(p, skip=('method', 'seed', 'out')))
 
 def stl_compare(argv:list|None=None):

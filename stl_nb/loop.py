@@ -152,30 +152,34 @@ class Run:
         "The train or test questions of the run, read once."
         if split not in self.data:
             c = self.cfg
-            s = fit_context(load_data(c.data, split, c.limit if split == 'train' else c.test_limit, c.data_seed, c.domains), c, split)
+            limit = c.limit if split == 'train' else c.test_limit
+            s = fit_context(load_data(c.data, split, limit, c.data_seed, c.domains), c, split)
             if not len(s): raise RunError(_no_questions(s, c.data, split))
             self.data[split] = s
         return self.data[split]
 
     def model(self, adapter:str|None=None):
-        "The base model (`adapter=None`) or the base with a round's adapter merged in; loaded unless it is the one in memory."
+        "The base model (`adapter=None`) or the base with a round's adapter merged in; loaded unless it is in memory."
         if self.holds is False or self.holds != adapter:
             self.free()
             self.vlm, self.holds = load_model(self.cfg, None if adapter is None else self.out/adapter), adapter
         return self.vlm
 
     def generator(self, adapter:str|None=None) -> tuple:
-        "(vlm, replies) that generate with round `adapter`'s model: backend 'hf', the model in memory and the library's own batches (replies None); 'vllm', the run's one engine with that adapter, the VLM only rendering prompts."
-        if self.cfg.backend == 'hf': return generation_model(self, adapter)   # chapter 06c: a merged 16-bit copy when it fits, else self.model(adapter)
+        "(vlm, replies) generating with round `adapter`'s model: 'hf' the model in memory (replies None), 'vllm' its engine."
+        # hf: chapter 06c's generation model, a merged 16-bit copy when it fits, else self.model(adapter);
+        # vllm: the run's one engine with that adapter, the VLM only rendering prompts
+        if self.cfg.backend == 'hf': return generation_model(self, adapter)
         if self.engine is None:
             self.free()
-            self.engine = (vllm_engine(self.cfg.model, self.cfg.train.lora_r, self.cfg.seed), processor_vlm(self.cfg.model))
+            engine = vllm_engine(self.cfg.model, self.cfg.train.lora_r, self.cfg.seed)
+            self.engine = (engine, processor_vlm(self.cfg.model))
         path = None if adapter is None else str((self.out/adapter).resolve())
-        lora_id = self.lora_ids.setdefault(path, len(self.lora_ids) + 1) if path else 1   # one id per adapter, never reused
+        lora_id = self.lora_ids.setdefault(path, len(self.lora_ids) + 1) if path else 1   # one id per adapter, kept
         return self.engine[1], vllm_backend(self.engine[0], path, lora_id)
 
     def base(self):
-        "The base model, handed over to training (which changes it): the one in memory if it is the base, else a fresh load."
+        "The base model, handed over to training (which changes it): the one in memory if it is the base, else loaded."
         vlm = self.model(None)
         self.vlm, self.holds = None, False
         return vlm
@@ -225,11 +229,12 @@ def direct_examples(samples, style) -> list:
     "The `direct` baseline's examples: every question, its gold option as the target."
     return [Example(s.image, chat(direct_prompt(s, style)), direct_target(s, style), 'direct', s.id) for s in samples]
 
-def rationalize(vlm, kept:list, samples, out_dir, cfg:GenConfig, rnd=None, adapter=None, progress:bool=True, replies=None) -> list:
-    "STaR's second chance: the questions not answered right, asked again with the gold answer as a hint; the replies that reach it."
+def rationalize(vlm, kept:list, samples, out_dir, cfg:GenConfig, rnd=None, adapter=None, progress:bool=True,
+                replies=None) -> list:
+    "STaR's second chance: the questions not answered right, asked again with the gold answer as a hint; those it reaches."
     right = {r['id'] for r in kept}
-    recs = generate(vlm, [s for s in samples if s.id not in right], Path(out_dir)/'rationalized.jsonl', cfg, ('star',),
-                    rnd, adapter, progress, replies=replies)
+    missed = [s for s in samples if s.id not in right]
+    recs = generate(vlm, missed, Path(out_dir)/'rationalized.jsonl', cfg, ('star',), rnd, adapter, progress, replies=replies)
     return keep_correct(recs, samples)[0]
 
 # %% ../nbs/12_loop.ipynb #1619fa77
@@ -251,7 +256,8 @@ def _set_seed(seed:int):
     random.seed(seed); torch.manual_seed(seed)
 
 def train_round(run:Run, rnd:int, examples:list) -> str|None:
-    "Fine-tune on the round's examples (fresh base + LoRA, or the last adapter with init='last'); the adapter's name, None if nothing to train."
+    "Fine-tune on the round's examples (a fresh base + LoRA, or the last adapter with init='last'): the adapter's name."
+    # None when there is nothing to train: the round's model is then the base
     d, name = run.dir(rnd), f'{round_name(rnd)}/adapter'
     if (d/'adapter').exists(): return name                     # trained before an interruption
     if not examples: return None                               # nothing kept: the round's model is the base
@@ -280,7 +286,8 @@ def evaluate_round(run:Run, rnd:int, adapter:str|None, examples:list, t0:float) 
 # %% ../nbs/12_loop.ipynb #ca21108e
 def write_metrics(run:Run) -> dict:
     "`OUT/metrics.json`: the method, the config and the row of every finished round."
-    m = dict(method=run.cfg.method, config=run.cfg.to_dict(), rounds=[run.row(r) for r in range(run.n_rounds + 1) if run.done(r)])
+    rows = [run.row(r) for r in range(run.n_rounds + 1) if run.done(r)]
+    m = dict(method=run.cfg.method, config=run.cfg.to_dict(), rounds=rows)
     if is_main(): write_json(run.out/'metrics.json', m)
     return m
 
@@ -301,17 +308,17 @@ def write_data_report(run:Run):
     write_atomic(run.out/'data.md', '\n\n'.join(s.report(n=None) for s in run.data.values()) + '\n')
 
 def run_stl(cfg:STLConfig, overwrite:bool=False, progress:bool=True) -> dict:
-    "Run (or resume) `cfg` in `cfg.out`: round 0 scores the base; each round makes data with the last model, trains a fresh one, scores it."
+    "Run (or resume) `cfg` in `cfg.out`: score the base; then each round makes data, trains a fresh model, scores it."
     check_run(cfg)
     run, ran = Run(cfg, Path(cfg.out), progress), False
-    if overwrite or not (run.out/'config.json').exists():
-        for split in ('test', 'train')[:1 + run.method.trains]: run.samples(split)   # bad data fails before the folder is made
+    if overwrite or not (run.out/'config.json').exists():   # bad data fails before the folder is made
+        for split in ('test', 'train')[:1 + run.method.trains]: run.samples(split)
     prepare_out(cfg, overwrite)
     if run.data and is_main(): write_data_report(run)
     for rnd in range(run.n_rounds + 1):
         if run.done(rnd): continue
         t0, ran = time.time(), True
-        examples = make_data(run, rnd) if rnd else []                 # see, think: last model's rationales (+ negatives), filtered
+        examples = make_data(run, rnd) if rnd else []                 # see, think: the last model's kept rationales, negatives
         adapter = train_round(run, rnd, examples) if rnd else None    # learn: LoRA on a fresh base
         log_round(run, evaluate_round(run, rnd, adapter, examples, t0))   # score on the test split
         write_metrics(run)
@@ -325,7 +332,7 @@ def run_stl(cfg:STLConfig, overwrite:bool=False, progress:bool=True) -> dict:
 _SHARED = {0: ('test.jsonl', 'scores.csv', 'metrics.json'), 1: ('positives.jsonl',)}
 
 def share_files(cfg:STLConfig, donors:list) -> list:
-    "Copy into `cfg`'s fresh run the files a finished run of the same seed already computed identically: round 0, round 1's rationales."
+    "Copy into `cfg`'s fresh run what a finished run of the same seed computed identically: round 0, round 1's rationales."
     me, copied = METHODS[cfg.method], []
     for d in donors:
         them = METHODS[read_json(Path(d)/'config.json')['method']]
@@ -341,9 +348,10 @@ def share_files(cfg:STLConfig, donors:list) -> list:
 # %% ../nbs/12_loop.ipynb #4cf28add
 def run_compare(cfg:STLConfig, methods=PAPER_METHODS, seeds=(0,), out='runs/compare', overwrite:bool=False,
                 progress:bool=True) -> pd.DataFrame:
-    "Run each method with each seed on the same data (`OUT/<method>/seed_<s>/`, each resumable), then write the comparison."
+    "Run each method with each seed on the same data (`OUT/<method>/seed_<s>/`, each resumable), then the comparison."
     methods, seeds = list(dict.fromkeys(methods)), list(dict.fromkeys(seeds))
-    if bad := [m for m in methods if m not in METHODS]: raise RunError(f"unknown methods {bad}; choose from {', '.join(METHODS)}")
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown: raise RunError(f"unknown methods {unknown}; choose from {', '.join(METHODS)}")
     if not methods or not seeds: raise RunError("need at least one method and one seed")
     done = []
     for s in seeds:
