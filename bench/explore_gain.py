@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Which embedded base model and loop settings let STL gain? A search on a validation draw of the world (chapter 11, section 3).
+"""Which embedded base model and loop settings let STL gain? A search on a validation draw of the world (chapter 14, section 3).
 
 Ran once on an H200 (`python bench/explore_gain.py explore --out DIR`; results in bench/results/explore-h200.json).
 

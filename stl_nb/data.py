@@ -252,13 +252,15 @@ class Samples(list):
 def _counts(c:Counter) -> str: return ', '.join(f"{k or '(none)'} {n}" for k, n in c.most_common())
 
 @patch
-def report(self:Samples, n:int=3) -> str:
-    "A readable account of the records: how many were kept (by domain), rejected (by field) and filtered (by reason)."
+def report(self:Samples, n:int|None=3) -> str:
+    "A readable account of the records: kept (by domain), rejected (by field; the first `n`, None: all) and filtered."
     lines = [f"{self.source or 'samples'}: {self.n_records} records -> {len(self)} kept, {len(self.rejected)} rejected, {len(self.filtered)} filtered"]
     if self: lines.append(f"kept by domain: {_counts(Counter(s.domain for s in self))}")
     if self.rejected:
         lines.append(f"rejected by field: {_counts(Counter(e.field for e in self.rejected))}")
-        lines += [f"  {e}" for e in self.rejected[:n]] + ([f"  ... and {len(self.rejected) - n} more"] if len(self.rejected) > n else [])
+        shown = self.rejected if n is None else self.rejected[:n]
+        lines += [f"  {e}" for e in shown]
+        if len(shown) < len(self.rejected): lines.append(f"  ... and {len(self.rejected) - len(shown)} more")
     if self.filtered:
         lines.append(f"filtered by reason: {_counts(Counter(r for _, r in self.filtered))}")
     return '\n'.join(lines)

@@ -17,8 +17,8 @@ from .world import WorldConfig, hallucinations, missing_needs
 
 # %% auto #0
 __all__ = ['DIRECT_KINDS', 'STATUSES', 'PALETTE', 'KNOWN_COLOURS', 'CARD_WIDTH', 'CARD_LINES', 'GREEN', 'RED', 'ORANGE', 'GREY',
-           'read_record', 'score_row', 'Scores', 'score', 'round_row', 'load_run', 'method_colours', 'plot_rounds',
-           'round_of', 'plot_domains', 'plot_data', 'card_lines', 'rationale_card', 'best_round', 'compare_table',
+           'read_record', 'score_row', 'Scores', 'percent', 'score', 'round_row', 'load_run', 'method_colours',
+           'plot_rounds', 'round_of', 'plot_domains', 'plot_data', 'card_lines', 'rationale_card', 'best_round',
            'markdown_table']
 
 # %% ../nbs/09_evaluate.ipynb #d18d93f2
@@ -111,18 +111,20 @@ def hallucination_rate(self:Scores) -> float|None: return _rate(self.rows, 'hall
 def missing_needs_rate(self:Scores) -> float|None: return _rate(self.rows, 'missing_needs')
 
 # %% ../nbs/09_evaluate.ipynb #dacaa8a9
-def _pct(v) -> str: return '–' if v is None else f"{100*v:.1f}%"
+def percent(v) -> str:
+    "An accuracy as the package writes it in text: `0.645` is '64.5%', None a dash."
+    return '–' if v is None else f"{100*v:.1f}%"
 
 @patch
 def summary(self:Scores) -> str:
     "The totals in a few lines: the three accuracies, the unparsed and missing, per domain, grounding."
     miss = f" ({len(self.missing)} missing: {', '.join(self.missing[:5])}{', ...' if len(self.missing) > 5 else ''})" if self.missing else ''
-    lines = [f"{self.kind or 'replies'} on {self.n} questions: accuracy {_pct(self.accuracy)} ({self.correct}/{self.n}); "
-             f"{_pct(self.accuracy_parsed)} of the {self.n - self.unparsed} with an answer read (paper-style)",
-             f"  unparsed {self.unparsed}{miss}; incomplete {self.incomplete} (accuracy over complete replies {_pct(self.accuracy_complete)})",
-             '  ' + ' · '.join(f"{d} {_pct(sc.accuracy)} of {sc.n}" for d, sc in self.by_domain().items())]
-    if self.n_captions: lines.append(f"  captions {self.n_captions}: {_pct(self.hallucination_rate)} state something absent from the "
-                                     f"scene, {_pct(self.missing_needs_rate)} leave out what the question needs")
+    lines = [f"{self.kind or 'replies'} on {self.n} questions: accuracy {percent(self.accuracy)} ({self.correct}/{self.n}); "
+             f"{percent(self.accuracy_parsed)} of the {self.n - self.unparsed} with an answer read (paper-style)",
+             f"  unparsed {self.unparsed}{miss}; incomplete {self.incomplete} (accuracy over complete replies {percent(self.accuracy_complete)})",
+             '  ' + ' · '.join(f"{d} {percent(sc.accuracy)} of {sc.n}" for d, sc in self.by_domain().items())]
+    if self.n_captions: lines.append(f"  captions {self.n_captions}: {percent(self.hallucination_rate)} state something absent from the "
+                                     f"scene, {percent(self.missing_needs_rate)} leave out what the question needs")
     return '\n'.join(lines)
 
 @patch
@@ -340,18 +342,6 @@ def best_round(run:dict) -> dict:
     "The row of `run` with the highest overall accuracy (the earliest on a tie)."
     return max(sorted(run['rounds'], key=lambda r: r['round']), key=lambda r: -1 if r['accuracy'] is None else r['accuracy'])
 
-def _pc(v, digits=None) -> float: return math.nan if v is None else 100 * v if digits is None else round(100 * v, digits)
-
-def compare_table(runs, which=('final', 'best'), digits:int|None=2) -> pd.DataFrame:
-    "Accuracy (%, to `digits` decimals) per domain and overall: rows are domains, columns (method, 'final' or 'best'); the 'round' row says which."
-    pick = {'final': round_of, 'best': best_round}
-    cols = {(run['method'], w): pick[w](run) for run in _runs(runs) for w in which}
-    doms = _domains(cols.values())
-    pc = lambda v: _pc(v, digits)
-    data = {c: [pc((row.get('domain_accuracy') or {}).get(d)) for d in doms] + [pc(row['accuracy']), row['round']] for c, row in cols.items()}
-    df = pd.DataFrame(data, index=pd.Index(doms + ['overall', 'round'], name='domain'), dtype=object)
-    df.columns = pd.MultiIndex.from_tuples(cols, names=['method', 'at'])
-    return df
 
 # %% ../nbs/09_evaluate.ipynb #dd0322c9
 def _cell(v, digits:int=1) -> str:

@@ -250,7 +250,7 @@ def _run_here(vlm, jobs:list, out, cfg:GenConfig, replies, rnd, adapter, progres
             if len(rs) != len(b): raise RuntimeError(f"{replies.__name__} gave {len(rs)} replies for {len(b)} jobs")
             new = [make_record(j, r, prov) for j, r in zip(b, rs) if j.key not in done]
             _append(f, new); done.update((record_key(r), r) for r in new); bar.update(len(new))
-            fault_point(point or out.stem)   # crash point 'positives', 'negatives', 'test', ... (chapter 00a)
+            fault_point(point or out.stem)   # crash point 'positives', 'negatives', 'test', ... (chapter 04a)
             if on_batch: on_batch(new)
     return [done[j.key] for j in jobs]
 

@@ -18,9 +18,9 @@ from .filter import FilterReport, keep_correct, positive_examples, sample_of, in
 from .durable import is_main, write_atomic
 
 # %% auto #0
-__all__ = ['AUDIT', 'negative_jobs', 'split_prompts', 'shares_prefix', 'prefix_cache', 'prefix_attention', 'cascades',
-           'prefix_mode', 'generate_shared', 'reply_shared', 'make_negatives', 'negative_examples', 'blamed_option',
-           'audit_one', 'NegativeAudit', 'audit_negatives', 'RoundData', 'generate_round']
+__all__ = ['AUDIT', 'negative_jobs', 'negative_examples', 'split_prompts', 'shares_prefix', 'prefix_cache', 'prefix_attention',
+           'cascades', 'prefix_mode', 'generate_shared', 'reply_shared', 'make_negatives', 'blamed_option', 'audit_one',
+           'NegativeAudit', 'audit_negatives', 'RoundData', 'generate_round']
 
 # %% ../nbs/08_negatives.ipynb #089d6e88
 def negative_jobs(kept:list, samples, n:int=1, caption:bool=True) -> list:
@@ -28,6 +28,21 @@ def negative_jobs(kept:list, samples, n:int=1, caption:bool=True) -> list:
     by_id, kind = index_samples(samples), 'negative' if caption else 'negative-nocap'
     qs = [sample_of(by_id, r) for r in {r['id']: r for r in kept}.values()]
     return [Job(s, kind, w, k) for s in qs for w in range(len(s.choices)) if w != s.answer for k in range(n)]
+
+# %% ../nbs/08_negatives.ipynb #8db4df1f
+def _negative_example(r:dict, s:Sample, style:PromptStyle) -> tuple:
+    "(image, messages, target) of one kept negative: the prompt without the correct answer."
+    cap = r['kind'] == 'negative'
+    n = parse_negative(r['raw'], caption=cap)
+    prompt = negative_prompt(s, letter_index(r['wrong']), show_answer=False, caption=cap, style=style)
+    return (s.image, chat(prompt), render_negative(n.caption, n.explanation, caption_section=cap))
+
+def negative_examples(records:list, samples, style:PromptStyle=PromptStyle()) -> list:
+    "Training examples of kept negative records: image, the prompt with the correct answer removed, caption + explanation."
+    if bad := [r['kind'] for r in records if not r['kind'].startswith('negative')]:
+        raise ValueError(f"{len(bad)} records of kind {bad[0]!r}: their examples come from stl_nb.filter.positive_examples")
+    by_id = index_samples(samples)
+    return [_negative_example(r, sample_of(by_id, r), style) for r in records]
 
 # %% ../nbs/08_negatives.ipynb #cf216a5b
 def _common(rows:list) -> int:
@@ -199,21 +214,6 @@ def make_negatives(vlm, kept:list, samples, out, cfg:GenConfig=GenConfig(), capt
     "Negative records for every wrong option of the `kept` records' questions, written to (and resumed from) `out`; `replies`: another engine (06a)."
     jobs = negative_jobs(kept, samples, cfg.n, caption)
     return run_jobs(vlm, jobs, out, cfg, replies or (reply_shared if share_prefix else reply_jobs), rnd, adapter, progress, on_batch)
-
-# %% ../nbs/08_negatives.ipynb #8db4df1f
-def _negative_example(r:dict, s:Sample, style:PromptStyle) -> tuple:
-    "(image, messages, target) of one kept negative: the prompt without the correct answer."
-    cap = r['kind'] == 'negative'
-    n = parse_negative(r['raw'], caption=cap)
-    prompt = negative_prompt(s, letter_index(r['wrong']), show_answer=False, caption=cap, style=style)
-    return (s.image, chat(prompt), render_negative(n.caption, n.explanation, caption_section=cap))
-
-def negative_examples(records:list, samples, style:PromptStyle=PromptStyle()) -> list:
-    "Training examples of kept negative records: image, the prompt with the correct answer removed, caption + explanation."
-    if bad := [r['kind'] for r in records if not r['kind'].startswith('negative')]:
-        raise ValueError(f"{len(bad)} records of kind {bad[0]!r}: their examples come from stl_nb.filter.positive_examples")
-    by_id = index_samples(samples)
-    return [_negative_example(r, sample_of(by_id, r), style) for r in records]
 
 # %% ../nbs/08_negatives.ipynb #7a21234b
 def blamed_option(explanation:str, choices:list) -> str|None:

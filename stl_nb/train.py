@@ -126,7 +126,7 @@ def _trainer_cls():
     return _STLTrainer
 
 def _crash_points():
-    "A `TrainerCallback` marking each optimizer step as the crash point 'train_step' (chapter 00a)."
+    "A `TrainerCallback` marking each optimizer step as the crash point 'train_step' (chapter 04a)."
     from transformers import TrainerCallback
     class _CrashPoints(TrainerCallback):
         def on_step_end(self, args, state, control, **kw): fault_point('train_step')

@@ -22,3 +22,25 @@ def qwen_dir(): return fixture_dir('qwen2.5-vl-7b-instruct')
 
 @pytest.fixture
 def m3cot_dir(): return fixture_dir('m3cot-sample')
+
+
+# ---------------------------------------------------------------- helpers shared by tests and chapters (06, 08 import them)
+
+class Crash(Exception):
+    "The exception `crash_after` raises: a run killed in the middle, as far as the code under test can tell."
+
+def crash_after(n):
+    "An `on_batch` hook that raises `Crash` at the `n`-th batch (generation resumes from what was written before)."
+    seen = []
+    def f(new):
+        seen.append(new)
+        if len(seen) == n: raise Crash()
+    return f
+
+def written(s, w, caption=True):
+    "A ground-truth negative for option `w` of world sample `s`: the caption, the reasoning up to the answer, why `w` is not it."
+    from stl_nb.data import letter
+    from stl_nb.templates import render_negative
+    r = s.meta['reasoning']; body = r[:r.rfind('so the answer is')].strip()
+    expl = f"{body} so the answer is {s.answer_text}, not {s.choices[w]}. option ({letter(w)}) {s.choices[w]} is wrong."
+    return render_negative(s.meta['caption'], expl, caption_section=caption)

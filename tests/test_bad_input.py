@@ -1,11 +1,11 @@
-"""The bad-input catalogue of chapter 12, one test per row, and the command line's answer to an unwritable folder; the
+"""The bad-input catalogue of chapter 14a, one test per row, and the command line's answer to an unwritable folder; the
 safety rules (issue 8): no remote code unless asked, safetensors only, nothing unpickled or executed from data."""
 import ast, inspect, json, os, re, subprocess
 from pathlib import Path
 import pytest
 from conftest import STL_RUN
 import stl_nb
-from stl_nb.bad_input import CASES, outcome, catalogue
+from bad_input_cases import CASES, outcome, catalogue
 
 @pytest.fixture(scope='module', autouse=True)
 def one_thread():

@@ -1,4 +1,4 @@
-"""Crash and resume, and reproducibility (issue 8): `stl_run` killed with SIGKILL at each crash point of chapter 00a and rerun
+"""Crash and resume, and reproducibility (issue 8): `stl_run` killed with SIGKILL at each crash point of chapter 04a and rerun
 ends with the files of an uninterrupted run; two runs of one config and seed are byte-identical apart from timings."""
 import os, signal, subprocess
 from pathlib import Path

@@ -58,13 +58,7 @@ KINDS = ('positive', 'direct')
 def run(vlm, samples, path, cfg, **kw):
     return generate(vlm, samples, path, cfg, kinds=KINDS, rnd=1, progress=False, **kw)
 
-class Crash(Exception): pass
-def crash_after(n):
-    seen = []
-    def f(new):
-        seen.append(new)
-        if len(seen) == n: raise Crash()
-    return f
+from conftest import Crash, crash_after
 
 # --------------------------------------------------------------------------- config, prompts, batches
 

@@ -4,7 +4,8 @@ from dataclasses import replace
 from pathlib import Path
 import pytest
 from stl_nb.loop import (METHODS, PAPER_METHODS, Method, RunError, STLConfig, tiny_config, embedded_config, real_config, run_stl, run_compare,
-                         load_data, prepare_out, config_diff, paired_gain, mean_run, comparison_table, share_files, cli_config)
+                         load_data, prepare_out, config_diff, paired_gain, mean_run, comparison_table, share_files)
+from stl_nb.cli import cli_config, run_parser
 from stl_nb.generate import GenConfig, read_records
 from stl_nb.models import _embedded_dir
 
@@ -92,7 +93,10 @@ def test_paired_gain_and_means():
 
 def test_cli_config():
     assert cli_config().out == 'runs/stl' and cli_config(model='org/name').quant == '4bit'
-    assert cli_config(quant='none', model='org/name').quant is None and cli_config(domains='a, b').domains == ('a', 'b')
+    assert cli_config(quant=None, model='org/name').quant is None and cli_config(domains=('a', 'b')).domains == ('a', 'b')
+    flags = vars(run_parser().parse_args(['--quant', 'none', '--domains', 'a, b', '--data_seed', '2', '--gen.temperature', '.5']))
+    assert {k: flags[k] for k in ('quant', 'domains', 'data_seed', 'gen.temperature')} == dict(quant=None, domains=('a', 'b'),
+                                                                                            data_seed=2, **{'gen.temperature': .5})
     with pytest.raises(RunError, match='unknown method'): cli_config(method='x')
 
 # ---------------------------------------------------------------- a real tiny run
@@ -254,3 +258,29 @@ def test_fit_context_counts_images_as_the_run_loads_them(qwen_dir, tmp_path):
             for i, s in enumerate((448, 1400))]                                  # 1400² uncapped: ~2,500 image tokens
     s = fit_context(samples_from_records(recs), tiny_config(model=str(d)), 'test')
     assert [x.id for x in s] == ['q0', 'q1'] and not s.rejected
+
+
+# ---------------------------------------------------------------- what a run tells its user (issue 14, item 8)
+
+def test_log_round_says_when_nothing_was_kept(capsys):
+    from stl_nb.loop import log_round
+    class FakeRun:
+        progress, cfg = True, tiny_config()
+        def row(self, rnd): return dict(accuracy=.5)
+    log_round(FakeRun(), dict(round=1, accuracy=.5, n_positive=0, n_negative=0, seconds=6.))
+    log_round(FakeRun(), dict(round=2, accuracy=.5, n_positive=3, n_negative=4, seconds=6.))
+    first, second = capsys.readouterr().out.splitlines()
+    assert 'kept no positives' in first and 'trained on' not in first
+    assert 'trained on 3 positives + 4 negatives' in second
+
+def test_data_md_lists_every_rejected_record(tmp_path):
+    "Five bad records among good ones: data.md names each, with its field and reason, and no '... and N more'."
+    from PIL import Image
+    from stl_nb.data import samples_from_records
+    from stl_nb.loop import Run, write_data_report
+    good = [dict(id=f'g{i}', image=Image.new('RGB', (8, 8)), question='q?', choices=['a', 'b'], answer=0) for i in range(2)]
+    bad = [dict(id=f'b{i}', image=Image.new('RGB', (8, 8)), question='q?', choices=['a'], answer=0) for i in range(5)]
+    run = Run(tiny_config(out=str(tmp_path)), tmp_path, data={'train': samples_from_records(good + bad)})
+    write_data_report(run)
+    text = (tmp_path/'data.md').read_text()
+    assert 'more' not in text and all(f"record 'b{i}', field 'choices'" in text for i in range(5)), text

@@ -17,7 +17,8 @@ from stl_nb.filter import keep_correct
 from stl_nb.negatives import (negative_jobs, split_prompts, shares_prefix, generate_shared, reply_shared, make_negatives,
                               negative_examples, audit_negatives, audit_one, generate_round, AUDIT, cascades, prefix_mode)
 import stl_nb.negatives as negatives
-from test_generate import tiny_vlm, STYLE, Crash, crash_after
+from test_generate import tiny_vlm, STYLE
+from conftest import Crash, crash_after
 
 WORLD = make_world(60, seed=2)
 PROV = dict(round=0, model='reference', adapter=None, gen=asdict(GenConfig()))
@@ -26,11 +27,7 @@ kept_of = lambda samples: [dict(id=s.id, kind='positive') for s in samples]
 @pytest.fixture
 def vlm(): return tiny_vlm()
 
-def written(s, w, caption=True):
-    "A ground-truth negative for option `w` of world sample `s`."
-    r = s.meta['reasoning']; body = r[:r.rfind('so the answer is')].strip()
-    expl = f"{body} so the answer is {s.answer_text}, not {s.choices[w]}. option ({letter(w)}) {s.choices[w]} is wrong."
-    return render_negative(s.meta['caption'], expl, caption_section=caption)
+from conftest import written
 
 # --------------------------------------------------------------------------- jobs and prompt splitting
 
@@ -292,3 +289,27 @@ def test_shared_prefix_through_a_lora_adapter(tmp_path):
     with_lora = reply_jobs(v, jobs, cfg)
     assert reply_shared(v, jobs, cfg) == with_lora
     with peft_model.disable_adapter(): assert reply_jobs(v, jobs, cfg) != with_lora   # the adapter does change the replies
+
+
+# --------------------------------------------------------------------------- the transformers internals the cascade leans on
+
+def test_prefix_cascade_assumptions_hold(vlm):
+    """The shared-prefix cascade (chapter 08) relies on transformers internals that no release promises to keep: a cache
+    made of `layers` with `layer_class_to_replicate`, `DynamicLayer`'s fields, the attention and mask registries, and
+    the language model's `config._attn_implementation`. A release that moves one of them fails here, by name, instead
+    of the cascade silently turning itself off (`cascades` False: the copied-prefix path, slower) or breaking."""
+    import inspect
+    from transformers import AttentionInterface, DynamicCache
+    from transformers.cache_utils import DynamicLayer
+    from transformers.masking_utils import AttentionMaskInterface, eager_mask
+    c = DynamicCache()
+    assert hasattr(c, 'layers') and hasattr(c, 'layer_class_to_replicate'), 'DynamicCache layout changed'
+    for name in ('get_seq_length', 'batch_repeat_interleave', 'batch_select_indices', 'update'):
+        assert callable(getattr(DynamicLayer, name, None)), f'DynamicLayer.{name} is gone'
+    assert hasattr(DynamicLayer(), 'is_initialized'), 'DynamicLayer fields changed'
+    assert callable(AttentionInterface.register) and callable(AttentionMaskInterface.register) and callable(eager_mask)
+    from stl_nb.negatives import _decoder, _base_model
+    assert _decoder(vlm).config._attn_implementation in ('sdpa', 'eager'), 'the attention implementation is named elsewhere'
+    assert cascades(vlm), 'the embedded (Llama) model no longer cascades: the fast path is off'
+    params = inspect.signature(_base_model(vlm).forward).parameters
+    assert 'cache' in params or 'past_key_values' in params, 'the forward pass takes its cache under another name'

@@ -12,7 +12,7 @@ def free_port() -> int:
     with socket.socket() as s: s.bind(('127.0.0.1', 0)); return s.getsockname()[1]
 
 def launch(script, *args, cwd, fault=None, timeout=300):
-    "`script` as two CPU processes under `accelerate launch`; `fault` sets STL_FAULT (chapter 00a) in both."
+    "`script` as two CPU processes under `accelerate launch`; `fault` sets STL_FAULT (chapter 04a) in both."
     pytest.importorskip('accelerate')
     env = {**os.environ, 'OMP_NUM_THREADS': '1', 'TOKENIZERS_PARALLELISM': 'false', 'TQDM_DISABLE': '1', 'STL_FAULT': fault or '',
            'PYTHONPATH': os.pathsep.join([str(REPO), os.environ.get('PYTHONPATH', '')])}
