@@ -79,6 +79,8 @@ class STLConfig:
     train: TrainConfig = TrainConfig()   # LoRA and optimizer settings of each round's fine-tuning
     gen: GenConfig = GenConfig()         # decoding of rationales and negatives on the training questions
     eval_gen: GenConfig = GenConfig()    # decoding of the answers to the test questions (greedy)
+    per_question: int|None = None     # rationales kept per question when `gen.n` samples several: the first right ones (None: all)
+    neg_temperature: float|None = None  # decoding temperature of the negatives, one reply per wrong option (None: `gen`'s)
     backend: str = 'hf'               # the generation engine: 'hf' (transformers, chapter 06) or 'vllm' (chapter 06a; GPU)
     out: str = 'runs/stl'             # the run's folder; the same run in the same folder resumes
 
@@ -89,8 +91,16 @@ class STLConfig:
         if self.quant not in (None, '4bit'): raise RunError(f"quant must be '4bit' or None, not {self.quant!r}")
         if self.backend not in ('hf', 'vllm'): raise RunError(f"backend must be 'hf' or 'vllm', not {self.backend!r}")
         if self.rounds < 0: raise RunError(f"rounds must be 0 or more, not {self.rounds}")
-        for k in ('limit', 'test_limit'):
+        for k in ('limit', 'test_limit', 'per_question'):
             if getattr(self, k) is not None and getattr(self, k) < 1: raise RunError(f"{k} must be at least 1 (or None for all)")
+        if self.neg_temperature is not None and self.neg_temperature < 0:
+            raise RunError(f"neg_temperature must be 0 (greedy) or more, not {self.neg_temperature}")
+
+    @property
+    def neg_gen(self) -> GenConfig:
+        "How the negatives are decoded: as `gen`, one reply per wrong option, at `neg_temperature` when it is given."
+        temperature = self.gen.temperature if self.neg_temperature is None else self.neg_temperature
+        return replace(self.gen, n=1, temperature=temperature)
 
     def to_dict(self) -> dict:
         "The config as plain JSON-able values."

@@ -34,6 +34,7 @@ DROP_REASONS = {
     'no_answer': "no option could be read from the conclusion",
     'wrong_answer': "the conclusion names another option than the gold answer",
     'inconsistent_conclusion': "strict filter only: the conclusion's words are another option than its letter names",
+    'extra_reply': "its question already has `per_question` kept replies (when several are sampled per question)",
 }
 
 # %% ../nbs/07_filter.ipynb #909aebd0
@@ -118,14 +119,18 @@ def sample_of(by_id:dict, rec:dict) -> Sample:
     return by_id[rec['id']]
 
 # %% ../nbs/07_filter.ipynb #4dbdf9f2
-def keep_correct(records, samples, strict:bool=False) -> tuple:
+def keep_correct(records, samples, strict:bool=False, per_question:int|None=None) -> tuple:
     "(kept records, `FilterReport`): the replies `judge` keeps (right answer, complete, not looping; `strict`: see above), and why the rest went."
     by_id, kept, report = index_samples(samples), [], FilterReport()
+    kept_of = Counter()                       # kept replies per question so far
     for r in records:
         s = sample_of(by_id, r)
         reason = judge(r, s, strict)
+        if reason is None and per_question is not None and kept_of[s.id] >= per_question: reason = 'extra_reply'
         report.add(s.domain or '-', reason, record_key(r))
-        if reason is None: kept.append(r)
+        if reason is None:
+            kept.append(r)
+            kept_of[s.id] += 1
     return kept, report
 
 # %% ../nbs/07_filter.ipynb #f9a967de

@@ -230,12 +230,12 @@ def direct_examples(samples, style) -> list:
     return [Example(s.image, chat(direct_prompt(s, style)), direct_target(s, style), 'direct', s.id) for s in samples]
 
 def rationalize(vlm, kept:list, samples, out_dir, cfg:GenConfig, rnd=None, adapter=None, progress:bool=True,
-                replies=None) -> list:
+                replies=None, per_question:int|None=None) -> list:
     "STaR's second chance: the questions not answered right, asked again with the gold answer as a hint; those it reaches."
     right = {r['id'] for r in kept}
     missed = [s for s in samples if s.id not in right]
     recs = generate(vlm, missed, Path(out_dir)/'rationalized.jsonl', cfg, ('star',), rnd, adapter, progress, replies=replies)
-    return keep_correct(recs, samples)[0]
+    return keep_correct(recs, samples, per_question=per_question)[0]
 
 # %% ../nbs/12_loop.ipynb #1619fa77
 def make_data(run:Run, rnd:int) -> list:
@@ -244,9 +244,12 @@ def make_data(run:Run, rnd:int) -> list:
     if m.target == 'direct': return direct_examples(train, style_of(run.model(None)))
     prev = run.adapter(rnd - 1)
     vlm, replies = run.generator(prev)
-    rd = generate_round(vlm, train, out, run.cfg.gen, caption=m.caption, negatives=m.negatives, rnd=rnd, adapter=prev,
-                        progress=run.progress, strict=m.strict, replies=replies)
-    star = rationalize(vlm, rd.kept, train, out, run.cfg.gen, rnd, prev, run.progress, replies) if m.rationalize else []
+    rd = generate_round(vlm, train, out, run.cfg.gen, caption=m.caption, negatives=m.negatives, neg_cfg=run.cfg.neg_gen,
+                        rnd=rnd, adapter=prev, progress=run.progress, strict=m.strict, replies=replies,
+                        per_question=run.cfg.per_question)
+    star = []
+    if m.rationalize:
+        star = rationalize(vlm, rd.kept, train, out, run.cfg.gen, rnd, prev, run.progress, replies, run.cfg.per_question)
     return examples_of(rd.kept + star, rd.kept_negatives, train, rd.style)
 
 # %% ../nbs/12_loop.ipynb #cc3a1225

@@ -298,12 +298,12 @@ def _summary(rd:RoundData, cfg:GenConfig, neg_cfg:GenConfig, caption:bool, rnd, 
 
 def generate_round(vlm, samples, out_dir, cfg:GenConfig=GenConfig(), caption:bool=True, negatives:bool=True,
                    neg_cfg:GenConfig|None=None, share_prefix:bool=True, rnd=None, adapter=None, progress:bool=True,
-                   strict:bool=False, replies=None) -> RoundData:
+                   strict:bool=False, replies=None, per_question:int|None=None) -> RoundData:
     "A round's generation: positives for `samples`, the correctness filter, negatives of the kept questions, their filter and audit."
     out, neg_cfg, samples = Path(out_dir), neg_cfg or cfg, list(samples)
     pos = generate(vlm, samples, out/'positives.jsonl', cfg, ('positive' if caption else 'positive-nocap',), rnd, adapter, progress,
                    replies=replies)
-    kept, report = keep_correct(pos, samples, strict)   # strict: also drop conclusions whose words contradict their letter
+    kept, report = keep_correct(pos, samples, strict, per_question)   # strict: also drop conclusions whose words contradict their letter
     neg = make_negatives(vlm, kept, samples, out/'negatives.jsonl', neg_cfg, caption, share_prefix, rnd, adapter, progress,
                          replies=replies) if negatives else []
     kept_neg, neg_report = keep_correct(neg, samples)

@@ -93,14 +93,14 @@ def draw_run(m:dict, plots:Path) -> list:
         figs.append(('examples trained on', 'data.png'))
     return figs
 
-def _kept(path, samples, strict=False) -> list:
+def _kept(path, samples, strict=False, per_question=None) -> list:
     "The records of the JSONL file `path` that the filter keeps (none if the file is absent)."
-    return keep_correct(read_records(path), samples, strict)[0] if Path(path).exists() else []
+    return keep_correct(read_records(path), samples, strict, per_question)[0] if Path(path).exists() else []
 
 def _train_card(run, last:int, plots:Path) -> list:
     "The card of a training question of round `last`: a kept rationale and, when it has one, its negative."
     train = run.samples('train')
-    pos = _kept(run.dir(last)/'positives.jsonl', train, run.method.strict)
+    pos = _kept(run.dir(last)/'positives.jsonl', train, run.method.strict, run.cfg.per_question)
     neg = _kept(run.dir(last)/'negatives.jsonl', train)
     with_neg = {n['id'] for n in neg}
     p = next((p for p in pos if p['id'] in with_neg), pos[0] if pos else None)

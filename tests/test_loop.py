@@ -284,3 +284,23 @@ def test_data_md_lists_every_rejected_record(tmp_path):
     write_data_report(run)
     text = (tmp_path/'data.md').read_text()
     assert 'more' not in text and all(f"record 'b{i}', field 'choices'" in text for i in range(5)), text
+
+def test_several_replies_per_question_keep_the_first_right_one(tmp_path):
+    "gen.n=3 sampled replies per question, per_question=1, greedy negatives: one kept rationale per solved question, one negative per wrong option."
+    from stl_nb.filter import keep_correct
+    from stl_nb.loop import load_data
+    gen = GenConfig(max_new_tokens=192, batch_size=64, temperature=1.0, n=3)
+    cfg = tiny(tmp_path, gen=gen, per_question=1, neg_temperature=0.0, rounds=1)
+    m = run_stl(cfg, progress=False)
+    d = Path(cfg.out)/'round_1'
+    train = load_data('embedded', 'train', cfg.limit, seed=cfg.data_seed)
+    pos, neg = read_records(d/'positives.jsonl'), read_records(d/'negatives.jsonl')
+    assert len(pos) == 3*len(train) and {r['k'] for r in pos} == {0, 1, 2}
+    kept, report = keep_correct(pos, train, per_question=1)
+    assert kept, "the tiny run should solve some question"
+    assert len({r['id'] for r in kept}) == len(kept) == m['rounds'][1]['n_positive']
+    assert report.by_reason['extra_reply'] == len(keep_correct(pos, train)[0]) - len(kept)
+    choices = {s.id: len(s.choices) for s in train}
+    assert len(neg) == sum(choices[r['id']] - 1 for r in kept)
+    assert all(r['k'] == 0 and r['gen']['temperature'] == 0.0 and r['gen']['n'] == 1 for r in neg)
+    assert json.loads((Path(cfg.out)/'config.json').read_text())['per_question'] == 1
