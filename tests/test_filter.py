@@ -31,10 +31,15 @@ def record(s, reason, kind='positive'):
     return make_record(Job(s, kind), Reply(text, 50, finished), PROV)
 
 def test_the_vocabulary_is_fixed_and_every_reason_reachable():
-    assert set(BREAK) - {None} <= set(DROP_REASONS) and len(DROP_REASONS) == 9
+    "judge reaches each reason of BREAK; extra_reply comes from keep_correct(per_question=...), never from judge."
+    assert set(BREAK) - {None} <= set(DROP_REASONS) and len(DROP_REASONS) == 10
     for i, (reason, _) in enumerate(BREAK.items()):
         s = WORLD[i]
         assert judge(record(s, reason), s) == reason, reason
+    s = WORLD[0]
+    twice = [record(s, None), dict(record(s, None), k=1), dict(record(s, 'wrong_answer'), k=2)]
+    kept, rep = keep_correct(twice, WORLD, per_question=1)
+    assert [r['k'] for r in kept] == [0] and rep.by_reason == Counter(extra_reply=1, wrong_answer=1)
 
 @pytest.mark.parametrize('seed', range(5))
 def test_everything_generated_is_accounted_for(seed):
