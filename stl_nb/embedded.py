@@ -328,7 +328,7 @@ def habit_table(samples, replies) -> pd.DataFrame:
     rows = {}
     for s, t in zip(samples, replies):
         habit = shortcut_reasoning(s)
-        if habit is None or habit[1] == s.answer_text: continue
+        if habit is None or words(habit[1]) == words(s.answer_text): continue
         value = reasoned_value(parse_rationale(t, s.choices).reasoning) or ''
         row = rows.setdefault(s.domain, Counter())
         row['questions'] += 1
@@ -339,9 +339,9 @@ def habit_table(samples, replies) -> pd.DataFrame:
     return df
 
 # %% ../nbs/04_embedded.ipynb #f0rms001
-def reasoning_form(s:Sample, reasoning:str|None) -> str|None:
+def reasoning_form(s:Sample, reasoning:str|None, habit:tuple|None=None) -> str|None:
     "The steps a reasoning about world sample `s` took: 'sound', 'habit', or 'same' where they coincide; None if `s` has no habit."
-    habit = shortcut_reasoning(s)
+    habit = habit or shortcut_reasoning(s)     # `shortcut_reasoning(s)`, when the caller has it already
     if habit is None: return None
     said, sound, sloppy = words(reasoning or ''), words(plain_reasoning(s.meta['reasoning'])), words(habit[0])
     if sound == sloppy: return 'same'
@@ -354,9 +354,10 @@ def kept_habits(records:list, samples) -> pd.DataFrame:
     rows = {'habit reaches a wrong value': Counter(), 'habit reaches the gold value': Counter()}
     for r in records:
         s = by_id[r['id']]
-        form = reasoning_form(s, r.get('reasoning'))
-        if form is None: continue
-        lucky = words(shortcut_reasoning(s)[1]) == words(s.answer_text)
+        habit = shortcut_reasoning(s)
+        if habit is None: continue
+        form = reasoning_form(s, r.get('reasoning'), habit)
+        lucky = words(habit[1]) == words(s.answer_text)
         rows['habit reaches the gold value' if lucky else 'habit reaches a wrong value'][form] += 1
     return pd.DataFrame(rows).T.reindex(columns=['sound', 'habit', 'same']).fillna(0).astype(int)
 
