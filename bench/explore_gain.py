@@ -7,6 +7,8 @@ Ran once on an H200 (`python bench/explore_gain.py explore --out DIR`; results i
   strict   the stl-strict method on the standard draw (seeds 0-2) and the validation draw (bench/results/strict-h200.json)
   search   loop settings for the shipped base on the validation draw, on the CPU (bench/results/search-cpu.json):
            `python bench/explore_gain.py search L0 T7 T10 --seeds 0 --out bench/results --budget 3000`
+  phase5   a variant of the base's last phase (PHASE5): `python bench/explore_gain.py phase5 V4 BASE4_DIR OUT_DIR`,
+           then `search L0 --model OUT_DIR --tag V4- --seeds 0,1` (bench/results/base-phase5.json)
   build / run   one job (used by the two above, one subprocess each)
 
 Everything runs in float32 (as on the CPU) so the figures transfer to the CPU default.
@@ -23,6 +25,13 @@ BASES = {  # variants of EmbeddedConfig (B0 is the shipped model). B1 and B2 var
     'B3': dict(shortcut=0.4),
     'B4': dict(shortcut=0.8),
 }
+PHASE5 = {  # the base's last phase (600 steps of the mix drawn with seed 4) teaching the habit this often, on top of the
+            # first four phases (the base shipped until 2026-12-03, git show ab97538:stl_nb/assets/embedded/...); `phase5`
+    'V1': 0.5,
+    'V2': {'bigger': 0.4, 'more_colour': 0.4, 'more_shape': 0.4, 'count_plus': 0.4, 'how_many_more': 0.4, 'default': 0.6},
+    'V4': {'count_colour': 0.2, 'count_size': 0.2, 'count_not': 0.2, 'default': 0.5},
+    'V4b': {'count_colour': 0.3, 'count_size': 0.3, 'count_not': 0.3, 'default': 0.5},
+}
 LOOPS = {  # variants of embedded_config, all with about the CPU cost of the default
     'L0': {},
     'L1': dict(train=dict(epochs=2.0)),
@@ -38,7 +47,12 @@ LOOPS = {  # variants of embedded_config, all with about the CPU cost of the def
     'K': dict(gen=dict(temperature=1.0, n=4), per_question=1, neg_temperature=0.0),
     'K7': dict(gen=dict(temperature=0.7, n=4), per_question=1, neg_temperature=0.0),
     'K-last': dict(gen=dict(temperature=1.0, n=4), per_question=1, neg_temperature=0.0, train=dict(init='last')),
+    'K2': dict(gen=dict(temperature=1.0, n=2), per_question=1, neg_temperature=0.0),
     'K-ep2': dict(gen=dict(temperature=1.0, n=4), per_question=1, neg_temperature=0.0, train=dict(epochs=2.0)),
+    # more training questions a round (the default draws 1000)
+    'Q15': dict(limit=1500),
+    'Q15-last': dict(limit=1500, train=dict(init='last')),
+    'Q20': dict(limit=2000),
     # the search of the competent base (CPU, `search`): decoding of the training rationales
     'T5': dict(gen=dict(temperature=0.5)),
     'T7': dict(gen=dict(temperature=0.7)),
@@ -115,6 +129,22 @@ def make_cfg(model, loop, data_seed, out, seed=0, method=None, rounds=3):
     if method: cfg = replace(cfg, method=method)
     if os.environ.get('EXP_TINY'): cfg = replace(cfg, limit=12, test_limit=8, rounds=1)
     return cfg
+
+def job_phase5(name, resume, out):
+    "Base variant `name` of PHASE5: build_embedded resumed from the four-phase base in `resume`, then the habit probe."
+    fp32()
+    from dataclasses import replace
+    import stl_nb.embedded as E
+    sys.path.insert(0, str(ROOT/'bench'))
+    from habit_probe import probe
+    from stl_nb.world import make_world
+    cfg = E.EmbeddedConfig()
+    cfg = replace(cfg, phases=cfg.phases[:4] + (('mix', 600, (('shortcut', PHASE5[name]), ('seed', 4))),))
+    vlm = E.build_embedded(cfg, out=out, progress=False, resume=resume)
+    info = json.loads((Path(out)/'build.json').read_text())
+    info['probe'] = probe(vlm, make_world(600, seed=777, split='test'))
+    (Path(out)/'build.json').write_text(json.dumps(info))
+    print(json.dumps({k: info[k] for k in ('criteria', 'probe')}), flush=True)
 
 def job_run(spec, checks=''):
     fp32()
@@ -216,6 +246,7 @@ if __name__ == '__main__':
     Path(a.out).mkdir(parents=True, exist_ok=True)
     if a.cmd == 'build': job_build(*a.rest)
     elif a.cmd == 'run': job_run(*a.rest)
+    elif a.cmd == 'phase5': job_phase5(*a.rest)   # phase5 NAME RESUME_DIR OUT_DIR
     elif a.cmd == 'explore': explore(a.work, a.out, a.budget)
     elif a.cmd == 'strict': strict(a.work, a.out, a.budget)
     elif a.cmd == 'search': search(a.work, a.out, a.budget, a.rest or ['L0', 'T7', 'T10'], seeds=[int(x) for x in a.seeds.split(',')],

@@ -6,7 +6,7 @@
 from __future__ import annotations
 import difflib, json, math, random, re, time
 from collections import Counter
-from dataclasses import dataclass, asdict, field
+from dataclasses import dataclass, asdict, field, replace
 import pandas as pd
 import torch
 from pathlib import Path
@@ -18,11 +18,12 @@ from .templates import (PromptStyle, chat, positive_prompt, negative_prompt, dir
 from .models import VLM, load_vlm, STYLE_FILE
 
 # %% auto #0
-__all__ = ['EMBEDDED_STYLE', 'CAPTION_PROMPT', 'SPECIAL', 'CHAT_TEMPLATE', 'PHASES', 'BASE_CRITERIA', 'plain_reasoning',
-           'reference_negative', 'shortcut_reasoning', 'taught_rationale', 'EmbeddedConfig', 'base_examples',
-           'prompt_corpus', 'build_tokenizer', 'build_processor', 'build_model', 'length_batches', 'pretrain',
-           'phase_examples', 'greedy_replies', 'criteria_draw', 'reasoned_value', 'base_scores', 'check_base',
-           'embedded_dir', 'build_embedded', 'habit_table', 'reasoning_form', 'kept_habits', 'stl_demo']
+__all__ = ['EMBEDDED_STYLE', 'CAPTION_PROMPT', 'LOOSER_HABITS', 'SPECIAL', 'CHAT_TEMPLATE', 'PHASES', 'BASE_CRITERIA',
+           'plain_reasoning', 'reference_negative', 'shortcut_reasoning', 'habit_share', 'taught_rationale',
+           'EmbeddedConfig', 'base_examples', 'prompt_corpus', 'build_tokenizer', 'build_processor', 'build_model',
+           'length_batches', 'pretrain', 'phase_fields', 'phase_examples', 'greedy_replies', 'criteria_draw',
+           'reasoned_value', 'base_scores', 'check_base', 'embedded_dir', 'build_embedded', 'habit_table',
+           'reasoning_form', 'kept_habits', 'stl_demo']
 
 # %% ../nbs/04_embedded.ipynb #2dee8b8d
 EMBEDDED_STYLE = PromptStyle(
@@ -74,13 +75,20 @@ def shortcut_reasoning(s:Sample) -> tuple|None:
     else: return None
     return f'{body} so the answer is {value}.', value
 
-def taught_rationale(s:Sample, rng:random.Random, shortcut:float) -> tuple:
+def habit_share(shortcut:float|dict, topic:str) -> float:
+    "How often the habit is taught on `topic`: `shortcut` itself, or its entry for the topic (else its 'default')."
+    if not isinstance(shortcut, dict): return shortcut
+    return shortcut.get(topic, shortcut['default'])
+
+def taught_rationale(s:Sample, rng:random.Random, shortcut:float|dict) -> tuple:
     "(reasoning, answer index) the base is taught for `s`: the sound reasoning, or with probability `shortcut` the habit."
-    habit = shortcut_reasoning(s) if rng.random() < shortcut else None
+    habit = shortcut_reasoning(s) if rng.random() < habit_share(shortcut, s.topic) else None
     if habit is None or habit[1] not in s.choices: return plain_reasoning(s.meta['reasoning']), s.answer
     return habit[0], s.choices.index(habit[1])
 
 # %% ../nbs/04_embedded.ipynb #249ef7a4
+LOOSER_HABITS = {'count_colour': 0.2, 'count_size': 0.2, 'count_not': 0.2, 'default': 0.5}   # the last phase's habit shares
+
 @dataclass(frozen=True)
 class EmbeddedConfig:
     "Everything that determines the embedded model: its world, its size, its data and its training."
@@ -89,7 +97,7 @@ class EmbeddedConfig:
     n_caption: int = 4000          # caption examples (perception alone)
     n_rationale: int = 20000       # structured-rationale examples, one fresh question each
     nocap_frac: float = 0.15       # fraction of the rationales and negatives in the no-caption layout (the ablations')
-    shortcut: float = 0.6          # share of the counting and comparison rationales that follow the sloppy habit
+    shortcut: float|dict = 0.6     # share of the counting and comparison rationales that follow the sloppy habit ({topic: share, 'default': share})
     n_negative: int = 4000         # negative-format examples
     n_direct: int = 2000           # direct-answer examples
     vocab_size: int = 1024         # byte-level BPE vocabulary trained on the world's text and the prompts
@@ -98,14 +106,15 @@ class EmbeddedConfig:
     text_width: int = 128          # Llama language model width
     text_layers: int = 4
     heads: int = 4
-    phases: tuple = (('mix', 4000), ('mix+captions', 1000), ('captions', 2000), ('mix', 1000))  # (examples, steps): see below
+    phases: tuple = (('mix', 4000), ('mix+captions', 1000), ('captions', 2000), ('mix', 1000),   # (examples, steps): see below
+                     ('mix', 600, (('shortcut', LOOSER_HABITS), ('seed', 4))))   # or (examples, steps, fields of its own mix)
     batch_size: int = 32
     lr: float = 3e-4               # feasibility notes: 3e-4 learnt colours and shapes, 1e-3 did not (6e-4 did not either, here)
     warmup: int = 200              # linear warmup steps of the first phase (later phases: 50), then cosine decay
     fresh_captions: int = 16000    # fresh caption examples of a 'captions' or 'mix+captions' phase
 
     @property
-    def steps(self) -> int: return sum(n for _, n in self.phases)
+    def steps(self) -> int: return sum(p[1] for p in self.phases)
 
 # %% ../nbs/04_embedded.ipynb #2171041e
 def base_examples(cfg:EmbeddedConfig) -> list:
@@ -213,9 +222,18 @@ def pretrain(vlm:VLM, examples, cfg:EmbeddedConfig, progress=True, steps=None, w
 
 PHASES = ('mix', 'captions', 'mix+captions')
 
-def phase_examples(cfg:EmbeddedConfig, kind:str, k:int, mix=None) -> list:
+def phase_fields(phase:tuple) -> dict:
+    "The fields a phase `(kind, steps, ((field, value), ...))` changes for its own mix ({} for a plain `(kind, steps)`)."
+    return dict(phase[2]) if len(phase) > 2 else {}
+
+def phase_examples(cfg:EmbeddedConfig, kind:str, k:int, mix=None, fields=None) -> list:
     "Phase `k`'s examples: the mix of `base_examples` (`mix`, when already made), fresh captions (a draw of its own), or both."
+    # `fields`: EmbeddedConfig fields that this phase's mix draws with instead (`mix` is then not used)
     if kind not in PHASES: raise ValueError(f"phase {k}: {kind!r} is not one of {PHASES}")
+    if fields:
+        bad = set(fields) - set(EmbeddedConfig.__dataclass_fields__)
+        if bad: raise ValueError(f"phase {k}: {sorted(bad)} are not fields of EmbeddedConfig")
+        mix = base_examples(replace(cfg, **fields)) if 'mix' in kind else None
     fresh = make_world(cfg.fresh_captions, seed=cfg.seed + k, cfg=cfg.world, split='train') if 'captions' in kind else []
     captions = [(s.image, chat(CAPTION_PROMPT), s.meta['caption']) for s in fresh]
     if 'mix' not in kind: return captions
@@ -299,28 +317,48 @@ def _machine(vlm:VLM) -> str:
     if vlm.device.type == 'cuda': return torch.cuda.get_device_name(vlm.device)
     return f"cpu ({platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads)"
 
-def build_embedded(cfg:EmbeddedConfig=EmbeddedConfig(), out=None, progress=True, n_judge:int=300) -> VLM:
+def _resumed(cfg:EmbeddedConfig, folder) -> tuple:
+    "(vlm, build.json) of an earlier build in `folder` whose phases are the first phases of `cfg` (otherwise the same config)."
+    prior = json.loads((Path(folder)/'build.json').read_text())
+    n = len(prior['config']['phases'])
+    if n >= len(cfg.phases) or prior['config'] != _jsonable(asdict(replace(cfg, phases=cfg.phases[:n]))):
+        raise ValueError(f"{folder} was not built with the first phases of this config: it cannot be resumed")
+    m = load_vlm(folder)
+    return VLM(m.model, m.processor, name='embedded', style=EMBEDDED_STYLE), prior
+
+def build_embedded(cfg:EmbeddedConfig=EmbeddedConfig(), out=None, progress=True, n_judge:int=300, resume=None) -> VLM:
     "Build, train, judge (`n_judge` held-out questions; 0: skip) and save the embedded base VLM (into the package's assets unless `out` is given)."
+    # `resume`: a folder holding an earlier build of this config's first phases; only the later phases are trained
     start = time.time()
     random.seed(cfg.seed); torch.manual_seed(cfg.seed)
-    mix = base_examples(cfg)   # made once: the tokenizer's corpus and every 'mix' phase share it
-    tok = build_tokenizer(prompt_corpus(cfg, examples=mix), cfg.vocab_size)
-    vlm = VLM(build_model(cfg, tok), build_processor(tok, cfg), name='embedded', style=EMBEDDED_STYLE)
-    losses = []
-    for k, (kind, steps) in enumerate(cfg.phases):
-        losses += pretrain(vlm, phase_examples(cfg, kind, k, mix), cfg, progress, steps, cfg.warmup if k == 0 else 50, cfg.seed + k,
-                           f'phase {k + 1}: {kind}')
-    seconds = round(time.time() - start, 1)
+    mix = base_examples(cfg)   # made once: the tokenizer's corpus and every plain 'mix' phase share it
+    if resume is None:
+        tok = build_tokenizer(prompt_corpus(cfg, examples=mix), cfg.vocab_size)
+        vlm = VLM(build_model(cfg, tok), build_processor(tok, cfg), name='embedded', style=EMBEDDED_STYLE)
+        prior = dict(config=dict(phases=[]), losses=[], seconds=0, machine='')
+    else: vlm, prior = _resumed(cfg, resume)
+    losses, first = list(prior['losses']), len(prior['config']['phases'])
+    for k, phase in enumerate(cfg.phases[first:], first):
+        kind, steps = phase[:2]
+        ex = phase_examples(cfg, kind, k, mix, phase_fields(phase))
+        losses += pretrain(vlm, ex, cfg, progress, steps, cfg.warmup if k == 0 else 50, cfg.seed + k, f'phase {k + 1}: {kind}')
+    seconds = round(prior['seconds'] + time.time() - start, 1)
     out = Path(out or embedded_dir()); out.mkdir(parents=True, exist_ok=True)
     vlm.model.save_pretrained(out); vlm.processor.save_pretrained(out)
     (out/STYLE_FILE).write_text(json.dumps(asdict(EMBEDDED_STYLE), indent=1))
+    machine = _machine(vlm)
+    if first:
+        later = f'phase {first + 1}' if first + 1 == len(cfg.phases) else f'phases {first + 1}-{len(cfg.phases)}'
+        machine = f"phases 1-{first}: {prior['machine']}; {later}: {machine}"
     info = dict(config=_jsonable(asdict(cfg)), seconds=seconds, losses=[round(l, 4) for l in losses],
-                params=sum(p.numel() for p in vlm.model.parameters()), torch=torch.__version__, machine=_machine(vlm))
+                params=sum(p.numel() for p in vlm.model.parameters()), torch=torch.__version__, machine=machine)
+    if first: info['resumed'] = dict(after_phase=first, seconds_before=prior['seconds'], phase_seconds_before=prior.get('phase_seconds'))
     if n_judge:
         judged = criteria_draw(n_judge, cfg.world)
         info['criteria'] = base_scores(judged, greedy_replies(vlm, judged, lambda s: positive_prompt(s, style=EMBEDDED_STYLE)))
     (out/'build.json').write_text(json.dumps(info))
     return vlm
+
 
 # %% ../nbs/04_embedded.ipynb #903665d1
 def habit_table(samples, replies) -> pd.DataFrame:
