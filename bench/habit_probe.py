@@ -5,7 +5,11 @@ For the questions of a held-out draw whose habit reaches a wrong option: which o
 and the habit's, both with the gold caption) the model finds likelier, teacher-forced, per topic; which one its greedy
 reply follows; and greedy accuracy per domain and per topic (`*`: the habit is wrong there, `=`: it happens to be right).
 
-  python bench/habit_probe.py --model embedded [--adapter RUN/round_1/adapter ...] [--n 600] [--seed 777] [--topics]
+  python bench/habit_probe.py --model embedded [--adapter RUN/round_1/adapter ...] [--n 600] [--seed 777]
+  python bench/habit_probe.py --model DIR --oracle 1000 [--epochs 1] [--lr 1e-3]   # first one LoRA round on ground truth
+
+`--oracle N`: one LoRA round (chapter 05's embedded preset) on the world's own sound rationale of each of N training
+questions (make_world(N, seed=5)), then the probe: how far the fine-tuning can move the base when the data is perfect.
 """
 import argparse, json, math, sys, time
 from collections import Counter, defaultdict
@@ -16,6 +20,7 @@ from stl_nb.world import make_world
 from stl_nb.templates import positive_prompt, render_rationale, parse_rationale, chat
 from stl_nb.models import load_vlm
 from stl_nb.embedded import shortcut_reasoning, plain_reasoning, greedy_replies, reasoning_form, EMBEDDED_STYLE
+from stl_nb.train import train_qlora, embedded_train_config, Example
 
 def habit_questions(samples) -> list:
     "(sample, habit) for the samples whose habit reaches an option other than the gold one."
@@ -66,12 +71,24 @@ def probe(vlm, samples) -> dict:
                 prefers_sound_by_topic={t: round(sum(d > 0 for d in v)/len(v), 2) for t, v in sorted(by.items())},
                 greedy_forms=dict(forms), greedy_right_by_form=dict(right))
 
+def oracle_round(vlm, n:int, epochs:float=1.0, lr:float=1e-3, seed:int=0):
+    "Fine-tune `vlm` (LoRA, in place) on the world's sound rationales of `n` training questions."
+    import random
+    train = make_world(n, seed=5, split='train')
+    ex = [Example(s.image, chat(positive_prompt(s, style=EMBEDDED_STYLE)),
+                  render_rationale((s.meta['caption'], plain_reasoning(s.meta['reasoning']), s.answer), s.choices, style=EMBEDDED_STYLE),
+                  'positive', s.id) for s in train]
+    random.seed(seed); torch.manual_seed(seed)
+    return train_qlora(vlm, ex, embedded_train_config(epochs=epochs, lr=lr, seed=seed), progress=False)
+
 if __name__ == '__main__':
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     p.add_argument('--model', default='embedded'); p.add_argument('--adapter', nargs='*', default=[None])
     p.add_argument('--n', type=int, default=600); p.add_argument('--seed', type=int, default=777)
+    p.add_argument('--oracle', type=int, default=0); p.add_argument('--epochs', type=float, default=1.0); p.add_argument('--lr', type=float, default=1e-3)
     a = p.parse_args()
     samples = make_world(a.n, seed=a.seed, split='test')
     for ad in a.adapter:
-        t = time.time()
-        print(json.dumps(dict(model=a.model, adapter=ad, **probe(load_vlm(a.model, adapter=ad), samples), seconds=round(time.time() - t))), flush=True)
+        t, vlm = time.time(), load_vlm(a.model, adapter=ad)
+        if a.oracle: oracle_round(vlm, a.oracle, a.epochs, a.lr)
+        print(json.dumps(dict(model=a.model, adapter=ad, oracle=a.oracle, **probe(vlm, samples), seconds=round(time.time() - t))), flush=True)
