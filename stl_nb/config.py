@@ -122,9 +122,9 @@ def _from_dict(cls, d:dict):
 def embedded_config(**kw) -> STLConfig:
     "The default of `stl_run`: STL on the embedded world with the shipped model, sized for about 10 minutes on 2 CPU cores."
     return replace(STLConfig(
-        limit=1000,                   # measured on 2 cores: a round (generate, negatives, train on ~2400 examples, test) takes ~2.5 min
+        limit=1000,                   # measured on 2 cores: a round (generate, negatives, train on ~2400 examples, test) takes ~1.7 min
         test_limit=500,               # ~25 s per round; a paired difference of two rounds is then known to about ±3 points
-        rounds=3,                     # three hand-overs from one round's model to the next: ~8 min in all, with round 0
+        rounds=3,                     # three hand-overs from one round's model to the next: ~5.5 min in all, with round 0
         train=embedded_train_config(),   # chapter 05's preset for a 1M-parameter model (higher lr, rank 16, batch 16)
         gen=GenConfig(max_new_tokens=192, batch_size=64),       # its replies average ~65 tokens; 192 bounds a looping one
         eval_gen=GenConfig(max_new_tokens=192, batch_size=64),  # greedy, the same length; 64 prompts per batch keep the cores busy
