@@ -31,6 +31,7 @@ PHASE5 = {  # the base's last phase (600 steps of the mix drawn with seed 4) tea
     'V2': {'bigger': 0.4, 'more_colour': 0.4, 'more_shape': 0.4, 'count_plus': 0.4, 'how_many_more': 0.4, 'default': 0.6},
     'V4': {'count_colour': 0.2, 'count_size': 0.2, 'count_not': 0.2, 'default': 0.5},
     'V4b': {'count_colour': 0.3, 'count_size': 0.3, 'count_not': 0.3, 'default': 0.5},
+    'V5': {'count_colour': 0.0, 'count_size': 0.0, 'count_not': 0.2, 'default': 0.5},   # the two habits no round moves: never taught
 }
 LOOPS = {  # variants of embedded_config, all with about the CPU cost of the default
     'L0': {},
