@@ -22,6 +22,10 @@ from stl_nb.models import load_vlm
 from stl_nb.embedded import shortcut_reasoning, plain_reasoning, greedy_replies, reasoning_form, EMBEDDED_STYLE
 from stl_nb.train import train_qlora, embedded_train_config, Example
 
+def sound_rationale(s) -> str:
+    "The training target of the world's own sound rationale for `s` (gold caption, reasoning without its letter)."
+    return render_rationale((s.meta['caption'], plain_reasoning(s.meta['reasoning']), s.answer), s.choices, style=EMBEDDED_STYLE)
+
 def habit_questions(samples) -> list:
     "(sample, habit) for the samples whose habit reaches an option other than the gold one."
     out = []
@@ -54,7 +58,7 @@ def probe(vlm, samples) -> dict:
         dn[s.domain] += 1; dom[s.domain] += r.answer == s.answer; tn[key] += 1; top[key] += r.answer == s.answer
     hq = habit_questions(samples)
     ss = [s for s, _ in hq]
-    sound = [render_rationale((s.meta['caption'], plain_reasoning(s.meta['reasoning']), s.answer), s.choices, style=EMBEDDED_STYLE) for s in ss]
+    sound = [sound_rationale(s) for s in ss]
     habit = [render_rationale((s.meta['caption'], h[0], s.choices.index(h[1])), s.choices, style=EMBEDDED_STYLE) for s, h in hq]
     diff = [a - b for a, b in zip(target_logp(vlm, ss, sound), target_logp(vlm, ss, habit))]
     by = defaultdict(list)
@@ -75,9 +79,7 @@ def oracle_round(vlm, n:int, epochs:float=1.0, lr:float=1e-3, seed:int=0):
     "Fine-tune `vlm` (LoRA, in place) on the world's sound rationales of `n` training questions."
     import random
     train = make_world(n, seed=5, split='train')
-    ex = [Example(s.image, chat(positive_prompt(s, style=EMBEDDED_STYLE)),
-                  render_rationale((s.meta['caption'], plain_reasoning(s.meta['reasoning']), s.answer), s.choices, style=EMBEDDED_STYLE),
-                  'positive', s.id) for s in train]
+    ex = [Example(s.image, chat(positive_prompt(s, style=EMBEDDED_STYLE)), sound_rationale(s), 'positive', s.id) for s in train]
     random.seed(seed); torch.manual_seed(seed)
     return train_qlora(vlm, ex, embedded_train_config(epochs=epochs, lr=lr, seed=seed), progress=False)
 

@@ -78,7 +78,9 @@ def shortcut_reasoning(s:Sample) -> tuple|None:
 def habit_share(shortcut:float|dict, topic:str) -> float:
     "How often the habit is taught on `topic`: `shortcut` itself, or its entry for the topic (else its 'default')."
     if not isinstance(shortcut, dict): return shortcut
-    return shortcut.get(topic, shortcut['default'])
+    if topic not in shortcut and 'default' not in shortcut:
+        raise ValueError(f"shortcut {shortcut} has no share for topic {topic!r} and no 'default'")
+    return shortcut.get(topic, shortcut.get('default'))
 
 def taught_rationale(s:Sample, rng:random.Random, shortcut:float|dict) -> tuple:
     "(reasoning, answer index) the base is taught for `s`: the sound reasoning, or with probability `shortcut` the habit."
@@ -331,16 +333,18 @@ def build_embedded(cfg:EmbeddedConfig=EmbeddedConfig(), out=None, progress=True,
     # `resume`: a folder holding an earlier build of this config's first phases; only the later phases are trained
     start = time.time()
     random.seed(cfg.seed); torch.manual_seed(cfg.seed)
-    mix = base_examples(cfg)   # made once: the tokenizer's corpus and every plain 'mix' phase share it
+    mix = None   # base_examples(cfg), made once when needed: the tokenizer's corpus and every plain 'mix' phase share it
     if resume is None:
+        mix = base_examples(cfg)
         tok = build_tokenizer(prompt_corpus(cfg, examples=mix), cfg.vocab_size)
         vlm = VLM(build_model(cfg, tok), build_processor(tok, cfg), name='embedded', style=EMBEDDED_STYLE)
         prior = dict(config=dict(phases=[]), losses=[], seconds=0, machine='')
     else: vlm, prior = _resumed(cfg, resume)
     losses, first = list(prior['losses']), len(prior['config']['phases'])
     for k, phase in enumerate(cfg.phases[first:], first):
-        kind, steps = phase[:2]
-        ex = phase_examples(cfg, kind, k, mix, phase_fields(phase))
+        kind, steps, fields = *phase[:2], phase_fields(phase)
+        if mix is None and 'mix' in kind and not fields: mix = base_examples(cfg)
+        ex = phase_examples(cfg, kind, k, mix, fields)
         losses += pretrain(vlm, ex, cfg, progress, steps, cfg.warmup if k == 0 else 50, cfg.seed + k, f'phase {k + 1}: {kind}')
     seconds = round(prior['seconds'] + time.time() - start, 1)
     out = Path(out or embedded_dir()); out.mkdir(parents=True, exist_ok=True)
@@ -358,7 +362,6 @@ def build_embedded(cfg:EmbeddedConfig=EmbeddedConfig(), out=None, progress=True,
         info['criteria'] = base_scores(judged, greedy_replies(vlm, judged, lambda s: positive_prompt(s, style=EMBEDDED_STYLE)))
     (out/'build.json').write_text(json.dumps(info))
     return vlm
-
 
 # %% ../nbs/04_embedded.ipynb #903665d1
 def habit_table(samples, replies) -> pd.DataFrame:
