@@ -58,6 +58,9 @@ LOOPS = {  # variants of embedded_config, all with about the CPU cost of the def
     'T5': dict(gen=dict(temperature=0.5)),
     'T7': dict(gen=dict(temperature=0.7)),
     'T10': dict(gen=dict(temperature=1.0)),
+    # every question kept so far, with its newest records (Method.pool, the stl-pool method)
+    'P': dict(method='stl-pool'),
+    'P-K2': dict(method='stl-pool', gen=dict(temperature=1.0, n=2), per_question=1, neg_temperature=0.0),
 }
 
 def fp32():

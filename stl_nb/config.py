@@ -26,12 +26,20 @@ class Method:
     target: str = 'rationale'    # 'rationale' (self-generated) or 'direct' (the gold option alone, nothing generated)
     trains: bool = True          # False: round 0 only (the base model, zero-shot)
     strict: bool = False         # keep only rationales whose conclusion words match their letter (chapter 07; not in the paper)
+    pool: bool = False           # train on earlier rounds' replies too: each question's newest kept records (STL), or all samples (R3V)
+    samples: int = 1             # replies sampled per question, for training and for test-time selection (R3V: 3)
+    temperature: float = 0.9     # ... their sampling temperature and top_p when `samples` > 1 (R3V's code: 0.9, 0.95)
+    top_p: float = 0.95
+    reflect: bool = False        # R3V: self-refine and self-select examples from the pool, and select@k at test time
     about: str = ''              # one line for the help and the report
 
     def __post_init__(self):
         if self.target not in ('rationale', 'direct'): raise ValueError(f"Method.target must be 'rationale' or 'direct', not {self.target!r}")
         if self.target == 'direct' and (self.caption or self.negatives or self.rationalize):
             raise ValueError("a 'direct' method trains on the gold option alone: no caption, negatives or rationalization")
+        if self.samples < 1: raise ValueError(f"Method.samples must be at least 1, not {self.samples}")
+        if self.reflect and (self.samples < 2 or self.negatives or self.rationalize):
+            raise ValueError("a reflecting method (R3V) samples 2 or more replies a question and trains on no negatives or rationalizations")
 
     @property
     def kind(self) -> str:
@@ -54,8 +62,11 @@ METHODS = {
     'star': Method(negatives=False, rationalize=True,
                    about="STaR: rationales answered right, plus hinted second tries (rationalization) trained without the hint"),
     'stl-strict': Method(strict=True, about="STL whose filter also drops right letters with another option's words (not in the paper)"),
+    'r3v': Method(negatives=False, pool=True, samples=3, reflect=True,
+                  about="R3V: 3 sampled rationales a question, pooled over rounds, plus self-refine and self-select examples; select@3 at test time"),
+    'stl-pool': Method(pool=True, about="STL trained each round on every question kept so far, with its newest records (not in the paper)"),
 }
-PAPER_METHODS = ('stl', 'stl-no-caption', 'stl-no-negatives', 'stl-no-caption-no-negatives', 'zero-shot', 'direct', 'star')
+PAPER_METHODS = ('stl', 'stl-no-caption', 'stl-no-negatives', 'stl-no-caption-no-negatives', 'zero-shot', 'direct', 'star', 'r3v')
 
 # %% ../nbs/10_config.ipynb #82e64fa7
 class RunError(ValueError):

@@ -35,6 +35,8 @@ FAULT_POINTS = {  # the crash points the library marks, and where
     'negatives': "a batch of negative rationales appended to negatives.jsonl (06, `run_jobs`)",
     'rationalized': "a batch of STaR rationalizations appended to rationalized.jsonl (06, `run_jobs`)",
     'test': "a batch of test answers appended to test.jsonl (06, `run_jobs`)",
+    'test_samples': "a batch of R3V's sampled test answers appended to test_samples.jsonl (06, `run_jobs`)",
+    'test_select': "a batch of R3V's select answers appended to test_select.jsonl (06, `run_jobs`)",
     'train_step': "an optimizer step of the fine-tuning (05, `train_qlora`)",
     'adapter_save': "an adapter saved to its temporary folder, not yet renamed into place (05)",
 }

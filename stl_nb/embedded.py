@@ -30,7 +30,10 @@ EMBEDDED_STYLE = PromptStyle(
     intro="answer the question.", sections_line="reply with {names}.", template="{intro} {sections_line}\n{question}{extra}",
     negative_intro="explain why the option is wrong.", options="options:",
     direct="answer with the option.", direct_template="{intro} {direct}\n{question}",
-    answer="{text}")   # the conclusion names the option by its text: 'CONCLUSION: blue'
+    answer="{text}",   # the conclusion names the option by its text: 'CONCLUSION: blue'
+    refine="a prediction: {prediction}\njudge the correctness of the prediction and refine it.",   # R3V's prompts, worded
+    prediction="prediction {k}: {prediction}", select="which prediction is correct? answer with the option.",   # like the rest
+    select_template="{intro} {select}\n{question}\n{predictions}")
 CAPTION_PROMPT = "describe the image."  # the perception task's prompt
 
 # %% ../nbs/04_embedded.ipynb #57b58c23

@@ -13,6 +13,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from .data import Sample, SampleError, letter
 from .templates import Rationale, parse_rationale, parse_answer, parse_negative
+from .generate import ANSWER_KINDS
 from .world import WorldConfig, hallucinations, missing_needs
 
 # %% auto #0
@@ -22,7 +23,7 @@ __all__ = ['DIRECT_KINDS', 'STATUSES', 'PALETTE', 'KNOWN_COLOURS', 'CARD_WIDTH',
            'markdown_table']
 
 # %% ../nbs/09_evaluate.ipynb #d18d93f2
-DIRECT_KINDS = ('direct',)   # prompt kinds whose reply is an option alone: read whole by `parse_answer`
+DIRECT_KINDS = ANSWER_KINDS   # prompt kinds whose reply is an option alone (direct, R3V's select): read whole by `parse_answer`
 
 def _answer(a, s:Sample, rid) -> int|None:
     "A pre-parsed answer: None, or a choice index of `s`."
@@ -228,6 +229,9 @@ def plot_rounds(runs, path=None, key:str='accuracy', title=None, colours=None, d
     for run in runs:
         pts = [(row['round'], 100 * row[key]) for row in run['rounds'] if row.get(key) is not None]
         if pts: ax.plot(*zip(*pts), marker='o', ms=4, lw=1.5, color=cs[run['method']], label=run['method'])
+        picked = [(row['round'], 100 * row['select_accuracy']) for row in run['rounds'] if row.get('select_accuracy') is not None]
+        if key == 'accuracy' and picked:   # R3V's test-time selection: its own dashed line
+            ax.plot(*zip(*picked), marker='s', ms=4, lw=1.5, ls='--', color=cs[run['method']], label=f"{run['method']} select@{run['rounds'][-1].get('samples', 3)}")
     ax.xaxis.get_major_locator().set_params(integer=True)
     _style(ax, 'round (0 = before training)', key.replace('_', ' ') + ' (%)', title)
     return _finish(fig, path, dpi)

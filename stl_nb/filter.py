@@ -4,17 +4,17 @@
 
 # %% ../nbs/07_filter.ipynb #f4a6ec27
 from __future__ import annotations
-import re
+import random, re
 from collections import Counter
 from dataclasses import dataclass, field
 from .data import Sample, SampleError
 from .templates import (Rationale, PromptStyle, chat, positive_prompt, direct_prompt, parse_rationale, parse_negative,
-                              parse_answer, render_rationale, direct_target)
-from .generate import record_key
+                              parse_answer, render_rationale, direct_target, refine_prompt, select_prompt)
+from .generate import ANSWER_KINDS, record_key
 
 # %% auto #0
 __all__ = ['DROP_REASONS', 'degenerate', 'conclusion_agrees', 'judge', 'FilterReport', 'index_samples', 'sample_of',
-           'keep_correct', 'positive_examples']
+           'keep_correct', 'positive_examples', 'r3v_examples']
 
 # %% ../nbs/07_filter.ipynb #f8821781
 _LOOP = re.compile(r'(?=((\S.{0,49}?)\2{3,}))', re.S)   # at every position: a unit, then 3 more copies of it
@@ -63,7 +63,7 @@ def judge(rec:dict, s:Sample, strict:bool=False) -> str|None:
     kind, raw = rec['kind'], rec.get('raw') or ''
     if degenerate(raw): return 'degenerate_repetition'
     if kind.startswith('negative'): return _judge_negative(rec, raw)
-    if kind == 'direct': a, r = parse_answer(raw, s.choices), None
+    if kind in ANSWER_KINDS: a, r = parse_answer(raw, s.choices), None
     else: r = parse_rationale(raw, s.choices, caption=kind != 'positive-nocap'); a = r.answer
     cut = rec.get('finished') is False and (r.truncated if r else a is None)
     return _first(cut and 'truncated', r and _caption_reason(r.caption, r.caption_section),
@@ -148,3 +148,34 @@ def positive_examples(records, samples, style:PromptStyle=PromptStyle()) -> list
         raise ValueError(f"{len(neg)} negative records: their examples come from stl_nb.negatives.negative_examples")
     by_id = index_samples(samples)
     return [_example(r, sample_of(by_id, r), style) for r in records]
+
+# %% ../nbs/07_filter.ipynb #e3a79e2d
+def _solution(r:dict, s:Sample, style:PromptStyle) -> str:
+    "A judged rationale re-rendered as a training target (as `positive_examples` renders it)."
+    cap = r['kind'] != 'positive-nocap'
+    return render_rationale(parse_rationale(r['raw'], s.choices, caption=cap), s.choices, caption=cap, style=style)
+
+def r3v_examples(records, samples, style:PromptStyle=PromptStyle(), seed:int=0) -> list:
+    "R3V's (kind, sample id, (image, messages, target)) of a pool of rationale `records`: self-CoT ('positive'), 'refine', 'select'."
+    by_id, right, wrong = index_samples(samples), {}, {}
+    for r in records:
+        s = sample_of(by_id, r)
+        reason = judge(r, s)
+        if reason is None: right.setdefault(s.id, []).append(r)
+        elif reason == 'wrong_answer': wrong.setdefault(s.id, []).append(r)
+    out = []
+    for s in samples:
+        ok, bad = right.get(s.id, []), wrong.get(s.id, [])
+        if not ok: continue
+        rng = random.Random(f'{seed}-{s.id}')
+        cap = ok[0]['kind'] != 'positive-nocap'
+        out.append(('positive', s.id, (s.image, chat(positive_prompt(s, caption=cap, style=style)), _solution(rng.choice(ok), s, style))))
+        if not bad: continue
+        refine = chat(refine_prompt(s, rng.choice(bad)['raw'], caption=cap, style=style))
+        out.append(('refine', s.id, (s.image, refine, _solution(rng.choice(ok), s, style))))
+        picks = ([rng.sample(ok, 2) + [rng.choice(bad)]] if len(ok) >= 2 else []) + ([[rng.choice(ok)] + rng.sample(bad, 2)] if len(bad) >= 2 else [])
+        for cands in picks:
+            rng.shuffle(cands)
+            prompt = chat(select_prompt(s, [c['raw'] for c in cands], style))
+            out.append(('select', s.id, (s.image, prompt, direct_target(s, style))))
+    return out

@@ -12,12 +12,12 @@ from pathlib import Path
 from typing import NamedTuple
 from .durable import barrier, fault_point, process_info, rank_path, write_atomic
 from .data import Sample, letter
-from .templates import (PromptStyle, chat, positive_prompt, negative_prompt, direct_prompt, star_prompt,
+from .templates import (PromptStyle, chat, positive_prompt, negative_prompt, direct_prompt, star_prompt, select_prompt,
                               parse_rationale, parse_negative, parse_answer)
 
 # %% auto #0
-__all__ = ['PROMPT_KINDS', 'PARSED', 'GenConfig', 'style_of', 'prompt_text', 'parse_reply', 'Job', 'record_key', 'jobs_for',
-           'batches', 'Reply', 'decoding', 'pad_id', 'replies_of', 'seeded', 'on_device', 'generate_batch',
+__all__ = ['PROMPT_KINDS', 'ANSWER_KINDS', 'PARSED', 'GenConfig', 'style_of', 'prompt_text', 'parse_reply', 'Job', 'record_key',
+           'jobs_for', 'batches', 'Reply', 'decoding', 'pad_id', 'replies_of', 'seeded', 'on_device', 'generate_batch',
            'make_record', 'read_records', 'reply_jobs', 'batch_seed', 'run_jobs', 'generate', 'share_jobs',
            'merge_parts', 'run_shared', 'records_dataset']
 
@@ -42,7 +42,8 @@ class GenConfig:
     def greedy(self) -> bool: return self.temperature == 0
 
 # %% ../nbs/06_generate.ipynb #fb1762bb
-PROMPT_KINDS = ('positive', 'positive-nocap', 'direct', 'star', 'negative', 'negative-nocap')
+PROMPT_KINDS = ('positive', 'positive-nocap', 'direct', 'star', 'negative', 'negative-nocap', 'select')
+ANSWER_KINDS = ('direct', 'select')   # replies that are an option alone (R3V's select: the option of the correct prediction)
 
 def style_of(vlm) -> PromptStyle:
     "The prompt wording `vlm` was trained with (`vlm.style`), else the default `PromptStyle()`."
@@ -55,6 +56,9 @@ def prompt_text(s:Sample, kind:str, wrong:int|None=None, style:PromptStyle=Promp
     if wrong is not None: raise ValueError(f"a {kind!r} prompt names no distractor (got wrong={wrong})")
     if kind == 'direct': return direct_prompt(s, style)
     if kind == 'star': return star_prompt(s, style=style)
+    if kind == 'select':   # R3V's test-time selection: the predictions to choose from travel in the sample's meta
+        if not s.meta.get('predictions'): raise ValueError(f"sample {s.id!r}: a 'select' prompt needs meta['predictions']")
+        return select_prompt(s, s.meta['predictions'], style)
     return positive_prompt(s, caption=kind == 'positive', style=style)
 
 # %% ../nbs/06_generate.ipynb #c7130cb3
@@ -65,7 +69,7 @@ def parse_reply(text:str, s:Sample, kind:str) -> dict:
     if kind.startswith('negative'):
         n = parse_negative(text, caption=kind == 'negative')
         return dict(caption=n.caption, reasoning=None, explanation=n.explanation, answer=None, letter=None)
-    r = parse_rationale(text, s.choices, caption=kind != 'positive-nocap') if kind != 'direct' else None
+    r = parse_rationale(text, s.choices, caption=kind != 'positive-nocap') if kind not in ANSWER_KINDS else None
     a = r.answer if r else parse_answer(text, s.choices)
     return dict(caption=r and r.caption, reasoning=r and r.reasoning, explanation=None, answer=a,
                 letter=None if a is None else letter(a))
@@ -259,7 +263,8 @@ def generate(vlm, samples, out, cfg:GenConfig=GenConfig(), kinds=('positive',), 
              progress:bool=True, on_batch=None, replies=None) -> list:
     "Replies of `vlm` to every sample in each prompt kind of `kinds`, `cfg.n` each, written to (and resumed from) `out`; `replies`: another engine (06a)."
     if bad := [k for k in kinds if k not in PROMPT_KINDS or k.startswith('negative')]:
-        raise ValueError(f"kinds {bad}: `generate` takes {PROMPT_KINDS[:4]}; negatives come from stl_nb.negatives.make_negatives")
+        takes = [k for k in PROMPT_KINDS if not k.startswith('negative')]
+        raise ValueError(f"kinds {bad}: `generate` takes {takes}; negatives come from stl_nb.negatives.make_negatives")
     return run_jobs(vlm, jobs_for(samples, kinds, cfg.n), out, cfg, replies or reply_jobs, rnd, adapter, progress, on_batch)
 
 # %% ../nbs/06_generate.ipynb #6d9f211d

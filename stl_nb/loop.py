@@ -5,6 +5,7 @@
 # %% ../nbs/12_loop.ipynb #27f7071f
 from __future__ import annotations
 import gc, importlib.util, random, re, shutil, time
+from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 import pandas as pd
@@ -14,7 +15,7 @@ from .templates import chat, direct_prompt, direct_target
 from .models import load_vlm, processor_vlm
 from .train import Example, train_qlora, merge_adapter
 from .generate import GenConfig, generate, read_records, style_of
-from .filter import keep_correct, positive_examples
+from .filter import keep_correct, positive_examples, r3v_examples
 from .negatives import generate_round, negative_examples
 from .evaluate import score, round_row, load_run, percent
 from .durable import barrier, is_main, write_atomic
@@ -27,8 +28,9 @@ from .report import (read_scores, paired_gain, verdict, round_table, domain_tabl
 
 # %% auto #0
 __all__ = ['load_data', 'context_size', 'fit_context', 'prepare_out', 'Run', 'load_model', 'check_run', 'check_quant',
-           'examples_of', 'direct_examples', 'rationalize', 'make_data', 'train_round', 'evaluate_round',
-           'write_metrics', 'log_round', 'write_data_report', 'run_stl', 'share_files', 'run_compare']
+           'examples_of', 'direct_examples', 'rationalize', 'pool_kept', 'kept_in', 'sampling', 'r3v_data', 'majority',
+           'test_selection', 'make_data', 'train_round', 'evaluate_round', 'write_metrics', 'log_round',
+           'write_data_report', 'run_stl', 'share_files', 'run_compare']
 
 # %% ../nbs/12_loop.ipynb #3e6ef3b4
 def _split_path(p:Path, split:str):
@@ -237,11 +239,72 @@ def rationalize(vlm, kept:list, samples, out_dir, cfg:GenConfig, rnd=None, adapt
     recs = generate(vlm, missed, Path(out_dir)/'rationalized.jsonl', cfg, ('star',), rnd, adapter, progress, replies=replies)
     return keep_correct(recs, samples, per_question=per_question)[0]
 
+# %% ../nbs/12_loop.ipynb
+def pool_kept(rounds:list) -> tuple:
+    "(positives, negatives) of `rounds`' (kept positives, kept negatives), newest first: each question's records from the newest round keeping it."
+    positives, negatives, have = [], [], set()
+    for kept, kept_negatives in rounds:
+        new = {r['id'] for r in kept} - have
+        positives += [r for r in kept if r['id'] in new]
+        negatives += [r for r in kept_negatives if r['id'] in new]
+        have |= new
+    return positives, negatives
+
+def kept_in(run:Run, rnd:int) -> tuple:
+    "Round `rnd`'s kept positives (rationalized ones included) and negatives, read back from its files and filtered as the round did."
+    m, train, d = run.method, run.samples('train'), run.dir(rnd)
+    positives = keep_correct(read_records(d/'positives.jsonl'), train, m.strict, run.cfg.per_question)[0]
+    positives += keep_correct(read_records(d/'rationalized.jsonl'), train, per_question=run.cfg.per_question)[0]
+    negatives = keep_correct(read_records(d/'negatives.jsonl'), train)[0]
+    return positives, negatives
+
+# %% ../nbs/12_loop.ipynb
+def sampling(cfg:GenConfig, m:Method) -> GenConfig:
+    "`cfg` sampling `m.samples` replies a question at the method's temperature and top_p (R3V: 3 at 0.9 and 0.95)."
+    return replace(cfg, n=m.samples, temperature=m.temperature, top_p=m.top_p)
+
+def r3v_data(run:Run, rnd:int) -> list:
+    "R3V's round: sampled replies to every training question, pooled with earlier rounds', made into self-CoT, refine, select examples."
+    m, train, prev = run.method, run.samples('train'), run.adapter(rnd - 1)
+    vlm, replies = run.generator(prev)
+    generate(vlm, train, run.dir(rnd)/'positives.jsonl', sampling(run.cfg.gen, m), (m.kind,), rnd, prev, run.progress,
+             replies=replies)
+    rounds = list(range(rnd, 0, -1)) if m.pool else [rnd]
+    pool = [r for k in rounds for r in read_records(run.dir(k)/'positives.jsonl')]
+    made = r3v_examples(pool, train, style_of(vlm), run.cfg.seed)
+    kinds = dict(Counter(kind for kind, _, _ in made))
+    if is_main(): write_json(run.dir(rnd)/'pool.json', dict(rounds=rounds, records=len(pool), examples=kinds))
+    return [Example(*t, kind=kind, source_id=sid) for kind, sid, t in made]
+
+# %% ../nbs/12_loop.ipynb
+def majority(answers:list) -> int|None:
+    "The option most replies chose (a tie: the one chosen first); None when no reply was read."
+    counts = Counter(a for a in answers if a is not None)
+    return counts.most_common(1)[0][0] if counts else None
+
+def test_selection(run:Run, rnd:int, adapter:str|None) -> dict:
+    "R3V at test time: `samples` sampled replies a test question, then a greedy select prompt over them: select@k, majority@k, oracle@k."
+    test, d, m = run.samples('test'), run.dir(rnd), run.method
+    vlm, replies = run.generator(adapter)
+    recs = generate(vlm, test, d/'test_samples.jsonl', sampling(run.cfg.eval_gen, m), (m.kind,), rnd, adapter, run.progress,
+                    replies=replies)
+    of = {}
+    for r in recs: of.setdefault(r['id'], []).append(r['answer'])
+    asked = [replace(s, meta=s.meta | dict(predictions=[r['raw'] for r in recs if r['id'] == s.id])) for s in test]
+    picked = generate(vlm, asked, d/'test_select.jsonl', run.cfg.eval_gen, ('select',), rnd, adapter, run.progress,
+                      replies=replies)
+    chosen = {r['id']: r['answer'] for r in picked}
+    share = lambda hits: sum(hits) / len(test)
+    return dict(samples=m.samples, select_accuracy=share(chosen[s.id] == s.answer for s in test),
+                majority_accuracy=share(majority(of[s.id]) == s.answer for s in test),
+                oracle_accuracy=share(s.answer in of[s.id] for s in test))
+
 # %% ../nbs/12_loop.ipynb #1619fa77
 def make_data(run:Run, rnd:int) -> list:
     "Round `rnd`'s training examples, as the method makes them with the previous round's model (the base in round 1)."
     m, train, out = run.method, run.samples('train'), run.dir(rnd)
     if m.target == 'direct': return direct_examples(train, style_of(run.model(None)))
+    if m.reflect: return r3v_data(run, rnd)                    # R3V: sampled, pooled, refine and select examples
     prev = run.adapter(rnd - 1)
     vlm, replies = run.generator(prev)
     rd = generate_round(vlm, train, out, run.cfg.gen, caption=m.caption, negatives=m.negatives, neg_cfg=run.cfg.neg_gen,
@@ -250,7 +313,11 @@ def make_data(run:Run, rnd:int) -> list:
     star = []
     if m.rationalize:
         star = rationalize(vlm, rd.kept, train, out, run.cfg.gen, rnd, prev, run.progress, replies, run.cfg.per_question)
-    return examples_of(rd.kept + star, rd.kept_negatives, train, rd.style)
+    positives, negatives = rd.kept + star, rd.kept_negatives
+    if m.pool:   # the questions earlier rounds kept and this one did not keep their newest rationale
+        earlier = [kept_in(run, r) for r in range(rnd - 1, 0, -1)]
+        positives, negatives = pool_kept([(positives, negatives)] + earlier)
+    return examples_of(positives, negatives, train, rd.style)
 
 # %% ../nbs/12_loop.ipynb #cc3a1225
 def _set_seed(seed:int):
@@ -279,9 +346,12 @@ def evaluate_round(run:Run, rnd:int, adapter:str|None, examples:list, t0:float) 
     recs = generate(vlm, test, d/'test.jsonl', run.cfg.eval_gen, (kind,), rnd, adapter, run.progress, replies=replies)
     sc = score(recs, test, caption=run.method.caption, kind=kind)
     if is_main(): write_atomic(d/'scores.csv', sc.frame().to_csv())
+    selection = test_selection(run, rnd, adapter) if run.method.reflect and rnd else {}   # R3V: select@3 from round 1 on
     neg = sum(e.kind.startswith('negative') for e in examples)
-    row = round_row(sc, rnd, len(examples) - neg, neg, round(time.time() - t0, 1))
+    reflect = {f'n_{k}': sum(e.kind == k for e in examples) for k in ('refine', 'select')}
+    row = round_row(sc, rnd, len(examples) - neg - sum(reflect.values()), neg, round(time.time() - t0, 1))
     row |= dict(adapter=adapter, n_rationalized=sum(e.kind == 'star' for e in examples))
+    if run.method.reflect: row |= reflect | selection
     if is_main(): write_json(d/'metrics.json', row)
     barrier()              # every process reads this round's metrics next
     return row
@@ -300,6 +370,7 @@ def log_round(run:Run, row:dict):
     line = f"[{run.cfg.method}] round {row['round']}: accuracy {percent(row['accuracy'])}"
     if row['round']:
         line += f" (round 0: {percent(run.row(0)['accuracy'])})"
+        if 'select_accuracy' in row: line += f", select@{row['samples']} {percent(row['select_accuracy'])}"
         if row['n_positive'] + row['n_negative']:
             line += f", trained on {row['n_positive']} positives + {row['n_negative']} negatives"
         else: line += ", kept no positives: nothing to train on, so this round's model is the base"
@@ -341,7 +412,7 @@ def share_files(cfg:STLConfig, donors:list) -> list:
         them = METHODS[read_json(Path(d)/'config.json')['method']]
         if read_json(Path(d)/'config.json')['seed'] != cfg.seed or them.kind != me.kind: continue
         for rnd, names in _SHARED.items():
-            if rnd == 1 and (me.target != 'rationale' or not me.trains): continue
+            if rnd == 1 and (me.target != 'rationale' or not me.trains or (me.samples, me.reflect) != (them.samples, them.reflect)): continue
             for n in names:
                 src, dst = Path(d)/round_name(rnd)/n, Path(cfg.out)/round_name(rnd)/n
                 if src.exists() and not dst.exists() and not (dst.parent/'metrics.json').exists():

@@ -53,6 +53,11 @@ def verdict(m:dict, g:dict|None) -> str:
          f"on these {g['n']} test questions (paired: {g['gained']} questions went from wrong to right, "
          f"{g['lost']} from right to wrong). ")
     s += _noise_sentence(g) + ". It is one training seed; another seed moves a round's accuracy by a few points."
+    if rl.get('select_accuracy') is not None:
+        k = rl.get('samples') or 3
+        s += (f" With test-time selection over {k} samples (select@{k}) round {rl['round']} answers "
+              f"{percent(rl['select_accuracy'])} right (majority@{k} {percent(rl['majority_accuracy'])}, "
+              f"oracle@{k} {percent(rl['oracle_accuracy'])}, the share where any sample is right).")
     best = max(rows[1:], key=lambda r: r['accuracy'] or 0)
     if best['round'] != rl['round']: s += f" The best round was round {best['round']} ({percent(best['accuracy'])})."
     return s
@@ -66,6 +71,11 @@ def round_table(m:dict) -> pd.DataFrame:
              'unparsed': r['unparsed'], 'positives': r['n_positive'], 'negatives': r['n_negative'],
              'captions inventing facts %': _pc(r.get('hallucination_rate')), 'minutes': round(r['seconds']/60, 1)}
             for r in m['rounds']]
+    for row, r in zip(rows, m['rounds']):   # R3V: test-time selection over k samples, and its extra examples
+        if 'select_accuracy' not in r: continue
+        k = r.get('samples') or 3
+        row |= {f'select@{k} %': _pc(r['select_accuracy']), f'majority@{k} %': _pc(r['majority_accuracy']),
+                f'oracle@{k} %': _pc(r['oracle_accuracy']), 'refine': r.get('n_refine'), 'select': r.get('n_select')}
     return pd.DataFrame(rows).set_index('round')
 
 def domain_table(m:dict) -> pd.DataFrame:
@@ -184,6 +194,8 @@ def mean_run(method:str, runs:list) -> dict:
         accs = [r['accuracy'] for r in rs]
         domains = {d: _mean([r['domain_accuracy'].get(d) for r in rs]) for d in rs[0]['domain_accuracy']}
         counts = {key: _mean([r[key] for r in rs]) for key in ('n_positive', 'n_negative', 'seconds', 'unparsed')}
+        for key in ('select_accuracy', 'majority_accuracy', 'oracle_accuracy'):   # R3V's test-time selection
+            if all(r.get(key) is not None for r in rs): counts[key] = _mean([r[key] for r in rs])
         sd = statistics.stdev(accs) if len(accs) > 1 else None
         rows.append(dict(round=rs[0]['round'], accuracy=_mean(accs), accuracy_sd=sd, domain_accuracy=domains, **counts,
                          n=rs[0]['n'], n_seeds=len(rs)))
@@ -202,14 +214,17 @@ def _column(rs:list, doms:list) -> list:
     first = [r['rounds'][0] for r in rs]
     per_domain = [_ms([l['domain_accuracy'].get(d) for l in last]) for d in doms]
     gain = _ms([l['accuracy'] - f['accuracy'] for l, f in zip(last, first)], sign=True)
-    return per_domain + [_ms([l['accuracy'] for l in last]), _ms([f['accuracy'] for f in first]), gain,
+    select = _ms([l['select_accuracy'] for l in last]) if all(l.get('select_accuracy') is not None for l in last) else '–'
+    return per_domain + [_ms([l['accuracy'] for l in last]), select, _ms([f['accuracy'] for f in first]), gain,
                          str(last[0]['round']), str(len(rs))]
 
 def comparison_table(runs:dict) -> pd.DataFrame:
     "Domains (rows; then overall, round 0 and the gain) × methods: the last round's accuracy (%), mean ± sd over seeds."
     doms = list(dict.fromkeys(d for rs in runs.values() for r in rs for d in r['rounds'][-1]['domain_accuracy']))
-    idx = doms + ['overall', 'round 0 (base)', 'gain over round 0', 'last round', 'seeds']
-    return pd.DataFrame({m: _column(rs, doms) for m, rs in runs.items()}, index=pd.Index(idx, name='domain'))
+    idx = doms + ['overall', 'overall, select@3 (R3V)', 'round 0 (base)', 'gain over round 0', 'last round', 'seeds']
+    table = pd.DataFrame({m: _column(rs, doms) for m, rs in runs.items()}, index=pd.Index(idx, name='domain'))
+    if table.loc['overall, select@3 (R3V)'].eq('–').all(): table = table.drop('overall, select@3 (R3V)')   # no R3V run
+    return table
 
 # %% ../nbs/11_report.ipynb #75da53f9
 def compare_rows(out, runs:dict) -> list:

@@ -11,7 +11,8 @@ from .data import Sample, LETTERS, letter, letter_index
 # %% auto #0
 __all__ = ['CAPTION', 'REASONING', 'CONCLUSION', 'EXPLANATION', 'PromptStyle', 'question_text', 'chat', 'positive_prompt',
            'negative_prompt', 'direct_prompt', 'star_prompt', 'Rationale', 'render_rationale', 'direct_target',
-           'parse_answer', 'parse_rationale', 'Negative', 'render_negative', 'parse_negative']
+           'refine_prompt', 'select_prompt', 'parse_answer', 'parse_rationale', 'Negative', 'render_negative',
+           'parse_negative']
 
 # %% ../nbs/02_templates.ipynb #6f2055c5
 @dataclass(frozen=True)
@@ -37,6 +38,10 @@ class PromptStyle:
     answer: str = "({letter}) {text}"                                     # how a conclusion or direct answer names its option
     template: str = "{intro} {sections_line}\n{sections}\n\n{question}{extra}"  # positive, negative and STaR prompts
     direct_template: str = "{intro}\n\n{question}\n{direct}"              # direct-answer prompt
+    refine: str = "A model's prediction:\n{prediction}\nJudge the correctness of the model's prediction and refine it."  # R3V's self-refine
+    prediction: str = "Prediction {k}: {prediction}"                     # one candidate of R3V's self-select, on one line
+    select: str = "Which prediction is correct? Answer with the correct option only."  # R3V's self-select instruction
+    select_template: str = "{intro}\n\n{question}\n\n{predictions}\n\n{select}"  # R3V's self-select prompt
 
 # %% ../nbs/02_templates.ipynb #3c021f7c
 def _one_line(t) -> str:
@@ -152,6 +157,19 @@ def render_rationale(r, choices:list, caption:bool=True, style:PromptStyle=Promp
 def direct_target(s:Sample, style:PromptStyle=PromptStyle()) -> str:
     "The direct-answer target: '(B) blue' (or what `style.answer` makes of it)."
     return _conclusion(s.answer, s.choices, style)
+
+# %% ../nbs/02_templates.ipynb #0b32185d
+def refine_prompt(s:Sample, prediction:str, caption:bool=True, style:PromptStyle=PromptStyle()) -> str:
+    "R3V's self-refine: the structured prompt, one earlier prediction and the request to judge and refine it (target: a correct rationale)."
+    names = [CAPTION, REASONING, CONCLUSION] if caption else [REASONING, CONCLUSION]
+    return _prompt(s, style.intro, names, [style.refine.format(prediction=str(prediction).strip())], style)
+
+def select_prompt(s:Sample, predictions:list, style:PromptStyle=PromptStyle()) -> str:
+    "R3V's self-select: the question, numbered predictions (one line each) and the request to name the correct one (target: the option)."
+    if not predictions: raise ValueError(f"sample {s.id!r}: a select prompt needs at least one prediction")
+    lines = [style.prediction.format(k=k + 1, prediction=_one_line(p)) for k, p in enumerate(predictions)]
+    return style.select_template.format(intro=style.intro, question=question_text(s, style), predictions='\n'.join(lines),
+                                        select=style.select)
 
 # %% ../nbs/02_templates.ipynb #62ed9949
 def _plain(t) -> str:

@@ -42,13 +42,14 @@ def test_config_round_trip():
     with pytest.raises(RunError, match='unknown config fields'): STLConfig.from_dict({**cfg.to_dict(), 'lr': 1})
 
 def test_config_refusals():
-    for kw, msg in [(dict(method='r3v'), 'unknown method'), (dict(quant='8bit'), "quant must be"), (dict(rounds=-1), 'rounds must be'),
+    for kw, msg in [(dict(method='r4v'), 'unknown method'), (dict(quant='8bit'), "quant must be"), (dict(rounds=-1), 'rounds must be'),
                     (dict(limit=0), 'limit must be'), (dict(test_limit=0), 'test_limit must be')]:
         with pytest.raises(RunError, match=msg): STLConfig(**kw)
 
 def test_methods():
-    assert set(PAPER_METHODS) == {'stl', 'stl-no-caption', 'stl-no-negatives', 'stl-no-caption-no-negatives', 'zero-shot', 'direct', 'star'}
-    assert set(METHODS) == set(PAPER_METHODS) | {'stl-strict'} and METHODS['stl-strict'].strict
+    assert set(PAPER_METHODS) == {'stl', 'stl-no-caption', 'stl-no-negatives', 'stl-no-caption-no-negatives', 'zero-shot', 'direct', 'star', 'r3v'}
+    assert set(METHODS) == set(PAPER_METHODS) | {'stl-strict', 'stl-pool'} and METHODS['stl-strict'].strict and METHODS['stl-pool'].pool
+    assert METHODS['r3v'].reflect and METHODS['r3v'].samples == 3 and not METHODS['r3v'].negatives
     assert not any(METHODS[m].strict for m in PAPER_METHODS)
     assert METHODS['star'].rationalize and not METHODS['star'].negatives and METHODS['stl'].negatives
     assert {n for n, m in METHODS.items() if not m.caption} == {'stl-no-caption', 'stl-no-caption-no-negatives', 'direct'}
