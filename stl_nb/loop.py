@@ -239,7 +239,7 @@ def rationalize(vlm, kept:list, samples, out_dir, cfg:GenConfig, rnd=None, adapt
     recs = generate(vlm, missed, Path(out_dir)/'rationalized.jsonl', cfg, ('star',), rnd, adapter, progress, replies=replies)
     return keep_correct(recs, samples, per_question=per_question)[0]
 
-# %% ../nbs/12_loop.ipynb
+# %% ../nbs/12_loop.ipynb #63a0d64f
 def pool_kept(rounds:list) -> tuple:
     "(positives, negatives) of `rounds`' (kept positives, kept negatives), newest first: each question's records from the newest round keeping it."
     positives, negatives, have = [], [], set()
@@ -258,7 +258,7 @@ def kept_in(run:Run, rnd:int) -> tuple:
     negatives = keep_correct(read_records(d/'negatives.jsonl'), train)[0]
     return positives, negatives
 
-# %% ../nbs/12_loop.ipynb
+# %% ../nbs/12_loop.ipynb #6a622e89
 def sampling(cfg:GenConfig, m:Method) -> GenConfig:
     "`cfg` sampling `m.samples` replies a question at the method's temperature and top_p (R3V: 3 at 0.9 and 0.95)."
     return replace(cfg, n=m.samples, temperature=m.temperature, top_p=m.top_p)
@@ -276,7 +276,7 @@ def r3v_data(run:Run, rnd:int) -> list:
     if is_main(): write_json(run.dir(rnd)/'pool.json', dict(rounds=rounds, records=len(pool), examples=kinds))
     return [Example(*t, kind=kind, source_id=sid) for kind, sid, t in made]
 
-# %% ../nbs/12_loop.ipynb
+# %% ../nbs/12_loop.ipynb #49ab9053
 def majority(answers:list) -> int|None:
     "The option most replies chose (a tie: the one chosen first); None when no reply was read."
     counts = Counter(a for a in answers if a is not None)

@@ -169,7 +169,7 @@ CASES = [
     Case('50,000-character question',   'prompt', _long_question,
          "more than the model's 1024-token context; prompts are never cut"),
     Case('dataset without the columns', 'data',   _no_columns,                                "image (column 'image')"),
-    Case('unknown method',              'run',    lambda: STLConfig(method='r3v'),           "unknown method 'r3v'"),
+    Case('unknown method',              'run',    lambda: STLConfig(method='stl-plus'),           "unknown method 'stl-plus'"),
     Case('unknown model',               'run',    lambda: check_run(STLConfig(model='not a model')),
          "not 'embedded', an existing folder or a hub id"),
     Case('unknown data',                'run',    lambda: check_run(STLConfig(data='m4cot')), "unknown data 'm4cot'"),

@@ -227,7 +227,7 @@ def test_cli_help():
 
 @needs_cli
 @pytest.mark.parametrize('args,msg', [(['--bogus', '1'], 'unrecognized arguments'), (['--rounds', 'x'], 'invalid'),
-                                      (['--method', 'r3v'], "unknown method 'r3v'"), (['--data', 'nowhere'], "unknown data 'nowhere'"),
+                                      (['--method', 'stl-plus'], "unknown method 'stl-plus'"), (['--data', 'nowhere'], "unknown data 'nowhere'"),
                                       (['--model', 'not a model'], 'not \'embedded\''), (['--limit', '0'], 'limit must be')])
 def test_cli_bad_input_exits_2(args, msg, tmp_path):
     r = sh('stl_run', '--out', str(tmp_path/'o'), *args)

@@ -20,7 +20,8 @@ class StandIn:
         class LLM:
             def __init__(self, model, **kw): test.engines.append(dict(model=model, **kw))
             def generate(self, reqs, sp, lora_request=None, use_tqdm=True):
-                test.calls.append(dict(n=len(reqs), sp=vars(sp), lora=lora_request and vars(lora_request)))
+                test.calls.append(dict(n=len(reqs), sp=vars(sp), lora=lora_request and vars(lora_request),
+                                       prompts=[r['prompt'] for r in reqs]))
                 text = lambda r: NEGATIVE if 'EXPLANATION' in r['prompt'] else POSITIVE
                 return [NS(outputs=[NS(text=text(r), token_ids=[0]*7, finish_reason='stop')]*sp.n) for r in reqs]
         m.LLM, m.SamplingParams = LLM, (lambda **kw: NS(**kw))
@@ -52,6 +53,21 @@ def test_loop_with_vllm_backend(tmp_path, monkeypatch):
     assert paths[1].endswith(os.path.join('round_1', 'adapter')) and paths[2].endswith(os.path.join('round_2', 'adapter'))
     assert all(c['sp']['max_tokens'] in (cfg.gen.max_new_tokens, cfg.eval_gen.max_new_tokens) for c in fake.calls)
     assert read_records(tmp_path/'run'/'round_2'/'test.jsonl')[0]['adapter'] == 'round_2/adapter'
+
+def test_r3v_with_vllm_backend(tmp_path, monkeypatch):
+    "R3V through vLLM: its 3 samples a question are one request with n=3 at R3V's temperature; select prompts carry them."
+    import torch; torch.set_num_threads(1)
+    fake = StandIn()
+    for k, v in fake.module().items(): monkeypatch.setitem(sys.modules, k, v)
+    cfg = tiny_config(backend='vllm', method='r3v', limit=8, test_limit=4, rounds=1, out=str(tmp_path/'run'))
+    m = run_stl(cfg, progress=False)
+    sampled = [c for c in fake.calls if c['sp']['n'] == 3]
+    assert sampled and all(c['sp']['temperature'] == 0.9 and c['sp']['top_p'] == 0.95 for c in sampled)
+    assert sum(c['n'] for c in sampled) == 8 + 4               # one request per training and per test question
+    select = [p for c in fake.calls for p in c['prompts'] if 'prediction 1:' in p]
+    assert len(select) == 4 and all(p.count(POSITIVE.replace(chr(10) * 2, ' ')) == 3 for p in select)
+    assert len(read_records(tmp_path/'run'/'round_1'/'positives.jsonl')) == 3 * 8
+    assert m['rounds'][1]['select_accuracy'] is not None
 
 def test_refused_without_vllm(monkeypatch, tmp_path):
     import importlib.util
