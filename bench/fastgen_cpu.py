@@ -33,7 +33,7 @@ def run(vlm, jobs, a, sort, compact):
     order = F.by_length(jobs, L) if sort else jobs
     out, stats, steps, t0 = {}, {}, 0, time.perf_counter()
     for b in batches(order, a.batch):
-        imgs, msgs = [j.sample.image for j in b], [chat(prompt_text(j.sample, j.kind, j.wrong, style)) for j in b]
+        imgs, msgs = [j.sample.image for j in b], [chat(prompt_text(j.sample, j.kind, j.distractor, style)) for j in b]
         rs = F.generate_compact(vlm, imgs, msgs, cfg, stats=stats) if compact else reply_jobs(vlm, b, cfg)
         if not compact: steps += len(b)*max(r.n_tokens for r in rs)   # generate decodes every row until the longest ends
         out.update((j.key, r) for j, r in zip(b, rs))

@@ -32,7 +32,7 @@ def main(argv=None):
     vlm = load_vlm('embedded'); M, conf = vlm.model, vlm.model.get_decoder().config
     four = [s for s in make_world(512, seed=0) if len(s.choices) == 4][:64]
     g = batches(N.negative_jobs([dict(id=s.id, kind='positive') for s in four], four), a.batch_size)[0]
-    msgs, imgs = [chat(prompt_text(j.sample, j.kind, j.wrong, style_of(vlm))) for j in g], [j.sample.image for j in g]
+    msgs, imgs = [chat(prompt_text(j.sample, j.kind, j.distractor, style_of(vlm))) for j in g], [j.sample.image for j in g]
     AttentionInterface.register('skip', lambda m, q, k, v, mask, scaling, dropout=0., **kw: (q.transpose(1, 2).contiguous(), None))
     AttentionMaskInterface.register('skip', eager_mask)
 

@@ -116,18 +116,18 @@ def merge_16bit(vlm:VLM, dtype=None) -> VLM:
 
 # %% ../nbs/06c_fast_generation.ipynb #ac838f25
 def generation_model(run, adapter=None) -> tuple:
-    "(vlm, replies) for a round's generation on the HF backend: a merged 16-bit copy of the 4-bit model when `plan_generation` allows, else the model as loaded."
-    if run.holds == ('merged', adapter): return run.vlm, None
+    "(vlm, engine) for a round's generation on the HF backend: a merged 16-bit copy of the 4-bit model when `plan_generation` allows, else the model as loaded."
+    if run.in_memory == ('merged', adapter): return run.vlm, None
     vlm = run.model(adapter)
     plan = plan_generation(vlm.model.config, gpu_bytes(), run.cfg.quant, max(run.cfg.gen.batch_size, run.cfg.eval_gen.batch_size))
     if not plan.merge: return vlm, None
     import torch
     cuda = torch.cuda.is_available()
     if cuda: torch.cuda.reset_peak_memory_stats()        # the peak of this round's swap and generation
-    run.vlm, run.holds = None, False
+    run.vlm, run.in_memory = None, None
     fast = merge_16bit(vlm); del vlm; gc.collect()
     if cuda: torch.cuda.empty_cache()
-    run.vlm, run.holds = fast, ('merged', adapter)       # `run.model`/`run.base` reload the 4-bit model for training
+    run.vlm, run.in_memory = fast, ('merged', adapter)       # `run.model`/`run.base` reload the 4-bit model for training
     if run.progress and cuda: print(f"[generation] {adapter or 'base'}: merged 16-bit copy, {torch.cuda.memory_allocated()/1e9:.1f} GB "
                                     f"(peak {torch.cuda.max_memory_allocated()/1e9:.1f} GB); up to {plan.batch_size} rows fit", flush=True)
     return fast, None
@@ -136,7 +136,7 @@ def generation_model(run, adapter=None) -> tuple:
 def prompt_lengths(vlm, jobs:list) -> list:
     "Tokens of each job's rendered prompt text (image tokens not counted: the same number per image at a fixed resolution)."
     style = style_of(vlm)
-    texts = [vlm.render(chat(prompt_text(j.sample, j.kind, j.wrong, style))) for j in jobs]
+    texts = [vlm.render(chat(prompt_text(j.sample, j.kind, j.distractor, style))) for j in jobs]
     return [len(x) for x in vlm.tokenizer(texts, add_special_tokens=False).input_ids]
 
 def by_length(jobs:list, lengths:list) -> list:
@@ -189,6 +189,6 @@ def generate_compact(vlm, images, messages_list, cfg:GenConfig=GenConfig(), seed
     return [Reply(vlm.decode(r), len(r), r[-1] in vlm.eos_token_ids) for r in out]
 
 def reply_compact(vlm, jobs:list, cfg:GenConfig, seed:int=0) -> list:
-    "A `replies` engine for `run_jobs`: `generate_compact` over the jobs' prompts."
+    "An `engine` for `run_jobs`: `generate_compact` over the jobs' prompts."
     style = style_of(vlm)
-    return generate_compact(vlm, [j.sample.image for j in jobs], [chat(prompt_text(j.sample, j.kind, j.wrong, style)) for j in jobs], cfg, seed)
+    return generate_compact(vlm, [j.sample.image for j in jobs], [chat(prompt_text(j.sample, j.kind, j.distractor, style)) for j in jobs], cfg, seed)

@@ -76,14 +76,14 @@ def parse_reply(text:str, s:Sample, kind:str) -> dict:
 
 # %% ../nbs/06_generate.ipynb #a13c6b15
 class Job(NamedTuple):
-    "One reply to generate: `sample` answering a `kind` prompt (about distractor `wrong`), reply number `k`."
+    "One reply to generate: `sample` answering a `kind` prompt (a negative: about option `distractor`), reply number `k`."
     sample: Sample
     kind: str
-    wrong: int|None = None
+    distractor: int|None = None   # the index of the wrong option a negative explains (its record stores the letter, 'wrong')
     k: int = 0
 
     @property
-    def key(self) -> tuple: return (self.sample.id, self.kind, None if self.wrong is None else letter(self.wrong), self.k)
+    def key(self) -> tuple: return (self.sample.id, self.kind, None if self.distractor is None else letter(self.distractor), self.k)
 
 def record_key(r:dict) -> tuple:
     "The key of a record: (sample id, kind, distractor letter or None, reply number)."
@@ -194,7 +194,7 @@ def _append(f, records:list):
 def reply_jobs(vlm, jobs:list, cfg:GenConfig, seed:int=0) -> list:
     "A `Reply` per job, from one batch with the prompts in the wording of `style_of(vlm)`."
     style = style_of(vlm)
-    msgs = [chat(prompt_text(j.sample, j.kind, j.wrong, style)) for j in jobs]
+    msgs = [chat(prompt_text(j.sample, j.kind, j.distractor, style)) for j in jobs]
     return generate_batch(vlm, [j.sample.image for j in jobs], msgs, cfg, seed)
 
 def batch_seed(cfg:GenConfig, key:tuple) -> int:
@@ -233,13 +233,13 @@ def _bar(total:int, initial:int, desc:str, progress:bool):
     from tqdm.auto import tqdm
     return tqdm(total=total, initial=initial, desc=desc, unit='sample', disable=not progress, smoothing=0)
 
-def run_jobs(vlm, jobs:list, out, cfg:GenConfig=GenConfig(), replies=reply_jobs, rnd=None, adapter=None,
+def run_jobs(vlm, jobs:list, out, cfg:GenConfig=GenConfig(), engine=reply_jobs, rnd=None, adapter=None,
              progress:bool=True, on_batch=None) -> list:
     "Generate `jobs` into the JSONL file `out` batch by batch, skipping records it holds; all the jobs' records, in job order."
-    if process_info()[1] > 1: return run_shared(vlm, jobs, out, cfg, replies, rnd, adapter, progress, on_batch)   # see below
-    return _run_here(vlm, jobs, out, cfg, replies, rnd, adapter, progress, on_batch)
+    if process_info()[1] > 1: return run_shared(vlm, jobs, out, cfg, engine, rnd, adapter, progress, on_batch)   # see below
+    return _run_here(vlm, jobs, out, cfg, engine, rnd, adapter, progress, on_batch)
 
-def _run_here(vlm, jobs:list, out, cfg:GenConfig, replies, rnd, adapter, progress, on_batch, held=None, point=None) -> list:
+def _run_here(vlm, jobs:list, out, cfg:GenConfig, engine, rnd, adapter, progress, on_batch, held=None, point=None) -> list:
     "`run_jobs` in this process; `held`: records already made elsewhere, `point`: the crash point's name (default: the file's)."
     out, prov = Path(out), _provenance(vlm, cfg, rnd, adapter)
     _check_unique(jobs)
@@ -250,8 +250,8 @@ def _run_here(vlm, jobs:list, out, cfg:GenConfig, replies, rnd, adapter, progres
     out.parent.mkdir(parents=True, exist_ok=True)
     with _bar(len(jobs), sum(j.key in done for j in jobs), jobs[0].kind if jobs else '', progress) as bar, open(out, 'a', encoding='utf-8') as f:
         for b in todo:
-            rs = replies(vlm, b, cfg, batch_seed(cfg, b[0].key))
-            if len(rs) != len(b): raise RuntimeError(f"{replies.__name__} gave {len(rs)} replies for {len(b)} jobs")
+            rs = engine(vlm, b, cfg, batch_seed(cfg, b[0].key))
+            if len(rs) != len(b): raise RuntimeError(f"{engine.__name__} gave {len(rs)} replies for {len(b)} jobs")
             new = [make_record(j, r, prov) for j, r in zip(b, rs) if j.key not in done]
             _append(f, new); done.update((record_key(r), r) for r in new); bar.update(len(new))
             fault_point(point or out.stem)   # crash point 'positives', 'negatives', 'test', ... (chapter 04a)
@@ -260,12 +260,12 @@ def _run_here(vlm, jobs:list, out, cfg:GenConfig, replies, rnd, adapter, progres
 
 # %% ../nbs/06_generate.ipynb #068f00c8
 def generate(vlm, samples, out, cfg:GenConfig=GenConfig(), kinds=('positive',), rnd=None, adapter=None,
-             progress:bool=True, on_batch=None, replies=None) -> list:
-    "Replies of `vlm` to every sample in each prompt kind of `kinds`, `cfg.n` each, written to (and resumed from) `out`; `replies`: another engine (06a)."
+             progress:bool=True, on_batch=None, engine=None) -> list:
+    "Replies of `vlm` to every sample in each prompt kind of `kinds`, `cfg.n` each, written to (and resumed from) `out`; `engine`: another engine (06a)."
     if bad := [k for k in kinds if k not in PROMPT_KINDS or k.startswith('negative')]:
         takes = [k for k in PROMPT_KINDS if not k.startswith('negative')]
         raise ValueError(f"kinds {bad}: `generate` takes {takes}; negatives come from stl_nb.negatives.make_negatives")
-    return run_jobs(vlm, jobs_for(samples, kinds, cfg.n), out, cfg, replies or reply_jobs, rnd, adapter, progress, on_batch)
+    return run_jobs(vlm, jobs_for(samples, kinds, cfg.n), out, cfg, engine or reply_jobs, rnd, adapter, progress, on_batch)
 
 # %% ../nbs/06_generate.ipynb #6d9f211d
 def share_jobs(jobs:list, rank:int, world:int) -> list:
@@ -289,7 +289,7 @@ def merge_parts(jobs:list, out) -> list:
     for p in parts: p.unlink()
     return [recs[k] for k in order]
 
-def run_shared(vlm, jobs:list, out, cfg:GenConfig=GenConfig(), replies=reply_jobs, rnd=None, adapter=None,
+def run_shared(vlm, jobs:list, out, cfg:GenConfig=GenConfig(), engine=reply_jobs, rnd=None, adapter=None,
                progress:bool=True, on_batch=None) -> list:
     "`run_jobs` among the launched processes: each generates its share into its own file, the main one merges them into `out`."
     out, (rank, world) = Path(out), process_info()
@@ -298,7 +298,7 @@ def run_shared(vlm, jobs:list, out, cfg:GenConfig=GenConfig(), replies=reply_job
     barrier()
     held = _by_key(read_records(out), out)
     _check_same_run(held.values(), _provenance(vlm, cfg, rnd, adapter), out)
-    _run_here(vlm, share_jobs(jobs, rank, world), rank_path(out, rank), cfg, replies, rnd, adapter, progress and rank == 0,
+    _run_here(vlm, share_jobs(jobs, rank, world), rank_path(out, rank), cfg, engine, rnd, adapter, progress and rank == 0,
               on_batch, held, point=out.stem)
     barrier()
     if rank == 0: merge_parts(jobs, out)

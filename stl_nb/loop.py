@@ -131,7 +131,7 @@ class Run:
     progress: bool = True
     data: dict = field(default_factory=dict, repr=False)   # {'train': Samples, 'test': Samples}
     vlm: object = field(default=None, repr=False)          # the model in memory
-    holds: object = field(default=False, repr=False)       # which: None (the base), an adapter's name, False (none)
+    in_memory: tuple|None = field(default=None, repr=False)  # what `vlm` is: ('model', adapter) (None: the base), ('merged', adapter) (06c); None: nothing
     engine: object = field(default=None, repr=False)       # backend 'vllm': the run's engine and its processor-only VLM
     lora_ids: dict = field(default_factory=dict, repr=False)  # backend 'vllm': {adapter folder: its LoRA id}
 
@@ -162,13 +162,13 @@ class Run:
 
     def model(self, adapter:str|None=None):
         "The base model (`adapter=None`) or the base with a round's adapter merged in; loaded unless it is in memory."
-        if self.holds is False or self.holds != adapter:
+        if self.in_memory != ('model', adapter):
             self.free()
-            self.vlm, self.holds = load_model(self.cfg, None if adapter is None else self.out/adapter), adapter
+            self.vlm, self.in_memory = load_model(self.cfg, None if adapter is None else self.out/adapter), ('model', adapter)
         return self.vlm
 
     def generator(self, adapter:str|None=None) -> tuple:
-        "(vlm, replies) generating with round `adapter`'s model: 'hf' the model in memory (replies None), 'vllm' its engine."
+        "(vlm, engine) generating with round `adapter`'s model: 'hf' the model in memory (engine None: `run_jobs`' own), 'vllm' its engine."
         # hf: chapter 06c's generation model, a merged 16-bit copy when it fits, else self.model(adapter);
         # vllm: the run's one engine with that adapter, the VLM only rendering prompts
         if self.cfg.backend == 'hf': return generation_model(self, adapter)
@@ -183,12 +183,12 @@ class Run:
     def base(self):
         "The base model, handed over to training (which changes it): the one in memory if it is the base, else loaded."
         vlm = self.model(None)
-        self.vlm, self.holds = None, False
+        self.vlm, self.in_memory = None, None
         return vlm
 
     def free(self):
         "Drop the model in memory (and what it held of the GPU)."
-        self.vlm, self.holds = None, False
+        self.vlm, self.in_memory = None, None
         gc.collect()
         import torch
         if torch.cuda.is_available(): torch.cuda.empty_cache()
@@ -232,11 +232,11 @@ def direct_examples(samples, style) -> list:
     return [Example(s.image, chat(direct_prompt(s, style)), direct_target(s, style), 'direct', s.id) for s in samples]
 
 def rationalize(vlm, kept:list, samples, out_dir, cfg:GenConfig, rnd=None, adapter=None, progress:bool=True,
-                replies=None, per_question:int|None=None) -> list:
+                engine=None, per_question:int|None=None) -> list:
     "STaR's second chance: the questions not answered right, asked again with the gold answer as a hint; those it reaches."
     right = {r['id'] for r in kept}
     missed = [s for s in samples if s.id not in right]
-    recs = generate(vlm, missed, Path(out_dir)/'rationalized.jsonl', cfg, ('star',), rnd, adapter, progress, replies=replies)
+    recs = generate(vlm, missed, Path(out_dir)/'rationalized.jsonl', cfg, ('star',), rnd, adapter, progress, engine=engine)
     return keep_correct(recs, samples, per_question=per_question)[0]
 
 # %% ../nbs/12_loop.ipynb #63a0d64f
@@ -266,9 +266,9 @@ def sampling(cfg:GenConfig, m:Method) -> GenConfig:
 def r3v_data(run:Run, rnd:int) -> list:
     "R3V's round: sampled replies to every training question, pooled with earlier rounds', made into self-CoT, refine, select examples."
     m, train, prev = run.method, run.samples('train'), run.adapter(rnd - 1)
-    vlm, replies = run.generator(prev)
+    vlm, engine = run.generator(prev)
     generate(vlm, train, run.dir(rnd)/'positives.jsonl', sampling(run.cfg.gen, m), (m.kind,), rnd, prev, run.progress,
-             replies=replies)
+             engine=engine)
     rounds = list(range(rnd, 0, -1)) if m.pool else [rnd]
     pool = [r for k in rounds for r in read_records(run.dir(k)/'positives.jsonl')]
     made = r3v_examples(pool, train, style_of(vlm), run.cfg.seed)
@@ -285,14 +285,14 @@ def majority(answers:list) -> int|None:
 def test_selection(run:Run, rnd:int, adapter:str|None) -> dict:
     "R3V at test time: `samples` sampled replies a test question, then a greedy select prompt over them: select@k, majority@k, oracle@k."
     test, d, m = run.samples('test'), run.dir(rnd), run.method
-    vlm, replies = run.generator(adapter)
+    vlm, engine = run.generator(adapter)
     recs = generate(vlm, test, d/'test_samples.jsonl', sampling(run.cfg.eval_gen, m), (m.kind,), rnd, adapter, run.progress,
-                    replies=replies)
+                    engine=engine)
     of = {}
     for r in recs: of.setdefault(r['id'], []).append(r['answer'])
     asked = [replace(s, meta=s.meta | dict(predictions=[r['raw'] for r in recs if r['id'] == s.id])) for s in test]
     picked = generate(vlm, asked, d/'test_select.jsonl', run.cfg.eval_gen, ('select',), rnd, adapter, run.progress,
-                      replies=replies)
+                      engine=engine)
     chosen = {r['id']: r['answer'] for r in picked}
     share = lambda hits: sum(hits) / len(test)
     return dict(samples=m.samples, select_accuracy=share(chosen[s.id] == s.answer for s in test),
@@ -306,13 +306,13 @@ def make_data(run:Run, rnd:int) -> list:
     if m.target == 'direct': return direct_examples(train, style_of(run.model(None)))
     if m.reflect: return r3v_data(run, rnd)                    # R3V: sampled, pooled, refine and select examples
     prev = run.adapter(rnd - 1)
-    vlm, replies = run.generator(prev)
+    vlm, engine = run.generator(prev)
     rd = generate_round(vlm, train, out, run.cfg.gen, caption=m.caption, negatives=m.negatives, neg_cfg=run.cfg.neg_gen,
-                        rnd=rnd, adapter=prev, progress=run.progress, strict=m.strict, replies=replies,
+                        rnd=rnd, adapter=prev, progress=run.progress, strict=m.strict, engine=engine,
                         per_question=run.cfg.per_question)
     star = []
     if m.rationalize:
-        star = rationalize(vlm, rd.kept, train, out, run.cfg.gen, rnd, prev, run.progress, replies, run.cfg.per_question)
+        star = rationalize(vlm, rd.kept, train, out, run.cfg.gen, rnd, prev, run.progress, engine, run.cfg.per_question)
     positives, negatives = rd.kept + star, rd.kept_negatives
     if m.pool:   # the questions earlier rounds kept and this one did not keep their newest rationale
         earlier = [kept_in(run, r) for r in range(rnd - 1, 0, -1)]
@@ -342,8 +342,8 @@ def train_round(run:Run, rnd:int, examples:list) -> str|None:
 def evaluate_round(run:Run, rnd:int, adapter:str|None, examples:list, t0:float) -> dict:
     "Score round `rnd`'s model on the test split with the method's prompt; write `round_k/metrics.json`, its row."
     test, kind, d = run.samples('test'), run.method.kind, run.dir(rnd)
-    vlm, replies = run.generator(adapter)
-    recs = generate(vlm, test, d/'test.jsonl', run.cfg.eval_gen, (kind,), rnd, adapter, run.progress, replies=replies)
+    vlm, engine = run.generator(adapter)
+    recs = generate(vlm, test, d/'test.jsonl', run.cfg.eval_gen, (kind,), rnd, adapter, run.progress, engine=engine)
     sc = score(recs, test, caption=run.method.caption, kind=kind)
     if is_main(): write_atomic(d/'scores.csv', sc.frame().to_csv())
     selection = test_selection(run, rnd, adapter) if run.method.reflect and rnd else {}   # R3V: select@3 from round 1 on

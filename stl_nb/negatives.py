@@ -206,14 +206,14 @@ def generate_shared(vlm, images, messages_list, groups:list, cfg:GenConfig=GenCo
 def reply_shared(vlm, jobs:list, cfg:GenConfig, seed:int=0) -> list:
     "A `Reply` per job, each question's prompts branching from their shared prefix when `shares_prefix(vlm)`."
     if not shares_prefix(vlm): return reply_jobs(vlm, jobs, cfg, seed)
-    msgs = [chat(prompt_text(j.sample, j.kind, j.wrong, style_of(vlm))) for j in jobs]
+    msgs = [chat(prompt_text(j.sample, j.kind, j.distractor, style_of(vlm))) for j in jobs]
     return generate_shared(vlm, [j.sample.image for j in jobs], msgs, [j.sample.id for j in jobs], cfg, seed)
 
 def make_negatives(vlm, kept:list, samples, out, cfg:GenConfig=GenConfig(), caption:bool=True, share_prefix:bool=True,
-                   rnd=None, adapter=None, progress:bool=True, on_batch=None, replies=None) -> list:
-    "Negative records for every wrong option of the `kept` records' questions, written to (and resumed from) `out`; `replies`: another engine (06a)."
+                   rnd=None, adapter=None, progress:bool=True, on_batch=None, engine=None) -> list:
+    "Negative records for every wrong option of the `kept` records' questions, written to (and resumed from) `out`; `engine`: another engine (06a)."
     jobs = negative_jobs(kept, samples, cfg.n, caption)
-    return run_jobs(vlm, jobs, out, cfg, replies or (reply_shared if share_prefix else reply_jobs), rnd, adapter, progress, on_batch)
+    return run_jobs(vlm, jobs, out, cfg, engine or (reply_shared if share_prefix else reply_jobs), rnd, adapter, progress, on_batch)
 
 # %% ../nbs/08_negatives.ipynb #7a21234b
 def blamed_option(explanation:str, choices:list) -> str|None:
@@ -298,14 +298,14 @@ def _summary(rd:RoundData, cfg:GenConfig, neg_cfg:GenConfig, caption:bool, rnd, 
 
 def generate_round(vlm, samples, out_dir, cfg:GenConfig=GenConfig(), caption:bool=True, negatives:bool=True,
                    neg_cfg:GenConfig|None=None, share_prefix:bool=True, rnd=None, adapter=None, progress:bool=True,
-                   strict:bool=False, replies=None, per_question:int|None=None) -> RoundData:
+                   strict:bool=False, engine=None, per_question:int|None=None) -> RoundData:
     "A round's generation: positives for `samples`, the correctness filter, negatives of the kept questions, their filter and audit."
     out, neg_cfg, samples = Path(out_dir), neg_cfg or cfg, list(samples)
     pos = generate(vlm, samples, out/'positives.jsonl', cfg, ('positive' if caption else 'positive-nocap',), rnd, adapter, progress,
-                   replies=replies)
+                   engine=engine)
     kept, report = keep_correct(pos, samples, strict, per_question)   # strict: also drop conclusions whose words contradict their letter
     neg = make_negatives(vlm, kept, samples, out/'negatives.jsonl', neg_cfg, caption, share_prefix, rnd, adapter, progress,
-                         replies=replies) if negatives else []
+                         engine=engine) if negatives else []
     kept_neg, neg_report = keep_correct(neg, samples)
     audit = audit_negatives(kept_neg, samples) if samples and all('scene' in s.meta for s in samples) else None
     rd = RoundData(out, pos, kept, report, neg, kept_neg, neg_report, audit, style_of(vlm))

@@ -17,9 +17,9 @@ __all__ = ['VLLM_RANKS', 'vllm_requests', 'vllm_replies', 'vllm_engine', 'lora_r
 def vllm_requests(vlm, jobs:list, cfg:GenConfig) -> tuple:
     "(requests, sampling kwargs, replies per request): one request per question and prompt, its `n` replies from `SamplingParams(n=...)`."
     style, reqs, counts = style_of(vlm), [], []
-    for _, grp in groupby(jobs, key=lambda j: (j.sample.id, j.kind, j.wrong)):
+    for _, grp in groupby(jobs, key=lambda j: (j.sample.id, j.kind, j.distractor)):
         grp = list(grp); j = grp[0]
-        reqs.append(dict(prompt=vlm.render(chat(prompt_text(j.sample, j.kind, j.wrong, style))),
+        reqs.append(dict(prompt=vlm.render(chat(prompt_text(j.sample, j.kind, j.distractor, style))),
                          multi_modal_data={'image': j.sample.image}))
         counts.append(len(grp))
     sp = dict(max_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p, stop_token_ids=list(vlm.eos_token_ids))
@@ -56,7 +56,7 @@ def lora_request_args(adapter, lora_id:int) -> dict|None:
     return dict(lora_name=f'adapter_{lora_id}', lora_int_id=int(lora_id), lora_path=str(adapter))
 
 def vllm_backend(llm, adapter=None, lora_id:int=1):
-    "A `replies` function for `run_jobs` that generates with the vLLM engine `llm`, with the LoRA `adapter` (a folder) when given."
+    "An `engine` for `run_jobs` that generates with the vLLM engine `llm`, with the LoRA `adapter` (a folder) when given."
     def replies(vlm, jobs, cfg, seed=0):
         from vllm import SamplingParams
         from vllm.lora.request import LoRARequest

@@ -118,22 +118,22 @@ class FakeRun:
     "What `generation_model` uses of `stl_nb.loop.Run`: its config, the model in memory and `model(adapter)`."
     def __init__(self, quant='4bit'):
         self.cfg = NS(quant=quant, gen=GenConfig(batch_size=8), eval_gen=GenConfig(batch_size=16))
-        self.vlm, self.holds, self.progress, self.loads = None, False, False, []
+        self.vlm, self.in_memory, self.progress, self.loads = None, None, False, []
     def model(self, adapter=None):
-        if self.holds is False or self.holds != adapter:
-            self.vlm, self.holds = load_vlm('embedded', quant=self.cfg.quant), adapter; self.loads.append(adapter)
+        if self.in_memory != ('model', adapter):
+            self.vlm, self.in_memory = load_vlm('embedded', quant=self.cfg.quant), ('model', adapter); self.loads.append(adapter)
         return self.vlm
 
 def test_hook_falls_back_without_a_gpu():
     r = FakeRun()
     v, replies = F.generation_model(r, None)
-    assert replies is None and n4(v.model) > 0 and r.holds is None       # today's path, the 4-bit model kept
+    assert replies is None and n4(v.model) > 0 and r.in_memory == ('model', None)       # today's path, the 4-bit model kept
 
 def test_hook_merges_when_the_plan_allows(monkeypatch):
     monkeypatch.setattr(F, 'gpu_bytes', lambda: 80e9)
     r = FakeRun()
     v, replies = F.generation_model(r, None)
-    assert replies is None and n4(v.model) == 0 and r.holds == ('merged', None) and r.vlm is v
+    assert replies is None and n4(v.model) == 0 and r.in_memory == ('merged', None) and r.vlm is v
     assert F.generation_model(r, None)[0] is v and r.loads == [None]     # the same adapter: the copy is reused
     gone = weakref.ref(v.model); del v
     t = r.model(None)                                                    # training asks for the base: a fresh 4-bit load

@@ -5,6 +5,7 @@ world's prompts, CLIP and Llama two layers deep). Its weights are drawn wide (in
 differ from prompt to prompt and from row to row, which is what equality checks need: a model that writes the same
 junk for every prompt would pass them trivially. The real LLaVA-1.5 and Qwen2.5-VL processors (shared fixtures) are
 checked through tiny random models of their real classes, built as in tests/test_models.py."""
+from dataclasses import replace
 import json
 import pytest, torch
 from pathlib import Path
@@ -69,9 +70,10 @@ def test_gen_config_is_checked():
 
 def test_every_kind_has_a_prompt(world):
     s = world[0]
+    picked = replace(s, meta=s.meta | dict(predictions=['CONCLUSION: red', 'CONCLUSION: blue']))   # R3V's select needs them
     for kind in PROMPT_KINDS:
         wrong = (s.answer + 1) % len(s.choices) if kind.startswith('negative') else None
-        assert prompt_text(s, kind, wrong, STYLE)
+        assert prompt_text(picked if kind == 'select' else s, kind, wrong, STYLE)
     assert 'correct answer' in prompt_text(s, 'negative', (s.answer + 1) % len(s.choices))
     assert 'CAPTION' not in prompt_text(s, 'negative-nocap', (s.answer + 1) % len(s.choices))
 
@@ -226,7 +228,7 @@ def test_progress_bar_counts_samples(vlm, world, tmp_path, capsys):
 
 def test_prompts_of_every_kind_render_and_tokenise_on_the_real_processors(llava_dir, qwen_dir, world):
     from test_models import processor, img
-    s = world[0]
+    s = replace(world[0], meta=world[0].meta | dict(predictions=['CONCLUSION: (A) red', 'CONCLUSION: (B) blue']))   # R3V's select
     for d, n_img in [(llava_dir, 576), (qwen_dir, 256)]:
         v = VLM(None, processor(d), name=d.name)
         kinds = [(k, (s.answer + 1) % len(s.choices) if k.startswith('negative') else None) for k in PROMPT_KINDS]

@@ -35,18 +35,18 @@ def test_a_job_per_wrong_option_of_each_kept_question_once():
     kept = kept_of(WORLD[:10]) + kept_of(WORLD[:3])                  # questions kept twice (two sampled replies right)
     jobs = negative_jobs(kept, WORLD, n=2)
     assert len(jobs) == 2 * sum(len(s.choices) - 1 for s in WORLD[:10])
-    assert all(j.wrong != j.sample.answer and j.kind == 'negative' for j in jobs)
+    assert all(j.distractor != j.sample.answer and j.kind == 'negative' for j in jobs)
     assert len({j.key for j in jobs}) == len(jobs)
     assert {j.kind for j in negative_jobs(kept, WORLD, caption=False)} == {'negative-nocap'}
     with pytest.raises(SampleError, match="'nope'"): negative_jobs([dict(id='nope', kind='positive')], WORLD)
 
 def test_the_prefix_holds_the_image_and_the_suffix_names_the_distractor(vlm):
     jobs = negative_jobs(kept_of([s for s in WORLD if len(s.choices) > 2][:8]), WORLD)   # two distractors or more
-    ids, _, _ = vlm._prompt_ids([j.sample.image for j in jobs], [chat(prompt_text(j.sample, j.kind, j.wrong, STYLE)) for j in jobs])
+    ids, _, _ = vlm._prompt_ids([j.sample.image for j in jobs], [chat(prompt_text(j.sample, j.kind, j.distractor, STYLE)) for j in jobs])
     pre, suf, owner = split_prompts(ids, [j.sample.id for j in jobs])
     assert len(pre) == 8 and all(p + s == x for p, s, x in zip((pre[o] for o in owner), suf, ids))
     assert all(p.count(vlm.image_token_id) == 36 for p in pre) and not any(vlm.image_token_id in s for s in suf)
-    for j, s in zip(jobs, suf): assert j.sample.choices[j.wrong] in vlm.tokenizer.decode(s)
+    for j, s in zip(jobs, suf): assert j.sample.choices[j.distractor] in vlm.tokenizer.decode(s)
 
 # --------------------------------------------------------------------------- shared prefix == straightforward
 
@@ -85,7 +85,7 @@ def test_interleaved_and_uneven_groups(vlm):
     "Rows of different questions interleaved, groups of 1 to 3 rows: still each prompt's own replies."
     jobs = negative_jobs(kept_of(WORLD[:6]), WORLD)
     jobs = jobs[::2] + jobs[1::2] + [Job(WORLD[7], 'negative', (WORLD[7].answer + 1) % len(WORLD[7].choices))]
-    msgs = [chat(prompt_text(j.sample, j.kind, j.wrong, STYLE)) for j in jobs]
+    msgs = [chat(prompt_text(j.sample, j.kind, j.distractor, STYLE)) for j in jobs]
     imgs, groups, cfg = [j.sample.image for j in jobs], [j.sample.id for j in jobs], GenConfig(max_new_tokens=16)
     assert generate_shared(vlm, imgs, msgs, groups, cfg) == generate_batch(vlm, imgs, msgs, cfg)
 
@@ -143,7 +143,7 @@ def test_make_negatives_records_provenance_and_resumes(vlm, tmp_path):
     recs = make_negatives(vlm, kept_of(WORLD[:12]), WORLD, whole, cfg, rnd=2, adapter='r1', progress=False)
     jobs = negative_jobs(kept_of(WORLD[:12]), WORLD)
     assert [(r['id'], r['kind'], r['wrong'], r['round'], r['adapter']) for r in recs] == \
-           [(j.sample.id, 'negative', letter(j.wrong), 2, 'r1') for j in jobs]
+           [(j.sample.id, 'negative', letter(j.distractor), 2, 'r1') for j in jobs]
     assert [r['raw'] for r in recs] == [r.text for r in reply_jobs(vlm, jobs, cfg)]
     with pytest.raises(Crash): make_negatives(vlm, kept_of(WORLD[:12]), WORLD, part, cfg, rnd=2, adapter='r1', progress=False, on_batch=crash_after(2))
     data = whole.read_bytes()
@@ -158,7 +158,7 @@ def test_make_negatives_records_provenance_and_resumes(vlm, tmp_path):
 def test_the_training_form_never_contains_the_correct_answer(caption, style):
     "Named invariant: a negative's training prompt never states the correct answer; its generation prompt does."
     kind = 'negative' if caption else 'negative-nocap'
-    recs = [make_record(j, Reply(written(j.sample, j.wrong, caption), 50, True), PROV)
+    recs = [make_record(j, Reply(written(j.sample, j.distractor, caption), 50, True), PROV)
             for j in negative_jobs(kept_of(WORLD), WORLD, caption=caption)]
     ex = negative_examples(recs, WORLD, style)
     assert len(ex) == len(recs) > 100
@@ -180,7 +180,7 @@ def test_negative_examples_refuse_other_kinds():
 
 def test_audit_counts_what_it_says():
     jobs = negative_jobs(kept_of(WORLD[:30]), WORLD)
-    good = [make_record(j, Reply(written(j.sample, j.wrong), 50, True), PROV) for j in jobs]
+    good = [make_record(j, Reply(written(j.sample, j.distractor), 50, True), PROV) for j in jobs]
     a = audit_negatives(good, WORLD)
     assert (a.n, a.n_captions) == (len(good), len(good))
     assert a.counts == dict(names_distractor=len(good), mentions_distractor=len(good), blames_answer=0,
@@ -253,13 +253,13 @@ def test_negative_prompts_split_on_the_real_processors(llava_dir, qwen_dir):
     jobs = negative_jobs(kept_of([s]), WORLD)
     for d, n_img, size in [(llava_dir, 576, 336), (qwen_dir, 256, 448)]:
         v = VLM(None, processor(d), name=d.name)
-        msgs = [chat(prompt_text(s, j.kind, j.wrong)) for j in jobs]
+        msgs = [chat(prompt_text(s, j.kind, j.distractor)) for j in jobs]
         ids, _, _ = v._prompt_ids([img(size, size)] * 3, msgs)
         pre, suf, _ = split_prompts(ids, [s.id] * 3)
         assert pre[0].count(v.image_token_id) == n_img and not any(v.image_token_id in x for x in suf)
-        for j, x in zip(jobs, suf): assert s.choices[j.wrong] in v.tokenizer.decode(x)
+        for j, x in zip(jobs, suf): assert s.choices[j.distractor] in v.tokenizer.decode(x)
         assert all(len(x) < 20 for x in suf)
-        b = v.encode([img(size, size)] * 3, [chat(negative_prompt(s, j.wrong, show_answer=False)) for j in jobs])
+        b = v.encode([img(size, size)] * 3, [chat(negative_prompt(s, j.distractor, show_answer=False)) for j in jobs])
         assert 'The correct answer is' not in v.tokenizer.decode(b['input_ids'][0])
 
 @pytest.fixture(scope='module')
