@@ -16,8 +16,9 @@ from .durable import write_atomic
 from .config import METHODS, WORLD_SIZE, round_name
 
 # %% auto #0
-__all__ = ['read_scores', 'paired_gain', 'verdict', 'round_table', 'domain_table', 'draw_run', 'draw_cards', 'report_text',
-           'write_report', 'compare_dir', 'mean_run', 'comparison_table', 'compare_rows', 'versus', 'write_comparison']
+__all__ = ['read_scores', 'paired_gain', 'verdict', 'round_table', 'domain_table', 'selection_table', 'draw_run', 'draw_cards',
+           'report_text', 'write_report', 'compare_dir', 'mean_run', 'comparison_table', 'compare_rows', 'versus',
+           'write_comparison']
 
 # %% ../nbs/11_report.ipynb #ad931079
 def read_scores(run_dir, rnd:int) -> pd.DataFrame:
@@ -86,6 +87,14 @@ def domain_table(m:dict) -> pd.DataFrame:
         per_domain = [round(100*r['domain_accuracy'].get(d, math.nan), 1) for d in doms]
         cols[f"round {r['round']}"] = per_domain + [round(100*r['accuracy'], 1)]
     return pd.DataFrame(cols, index=pd.Index(doms + ['overall'], name='domain'))
+
+def selection_table(m:dict) -> pd.DataFrame:
+    "R3V's test-time lines (rows: Test@1, select@k, majority@k, oracle@k) per round (columns), in %."
+    k = next((r.get('samples') for r in m['rounds'] if r.get('samples')), 3)
+    names = {'accuracy': 'Test@1 (greedy)', 'select_accuracy': f'select@{k}', 'majority_accuracy': f'majority@{k} (reference)',
+             'oracle_accuracy': f'oracle@{k} (reference)'}
+    cols = {f"round {r['round']}": {name: _pc(r.get(key)) for key, name in names.items()} for r in m['rounds']}
+    return pd.DataFrame(cols).rename_axis('R3V')
 
 # %% ../nbs/11_report.ipynb #af5296d2
 def draw_run(m:dict, plots:Path) -> list:
@@ -162,7 +171,12 @@ def report_text(run, m:dict, figs:list, cards:list) -> str:
              f"**Result.** {verdict(m, g)}", '', '## Accuracy per round', '', markdown_table(round_table(m)), '',
              "Round 0 is the base model. Accuracy counts an answer that could not be read as wrong; *of answered* is "
              "the paper's denominator (only the answers that could be read).", '',
-             '## Accuracy per domain (%)', '', markdown_table(domain_table(m)), '', '## Figures', '']
+             '## Accuracy per domain (%)', '', markdown_table(domain_table(m)), '']
+    if any(r.get('select_accuracy') is not None for r in rows):
+        lines += ['## R3V at test time (%)', '', markdown_table(selection_table(m)), '',
+                  "Test@1 is the greedy answer (the accuracy above); select@k samples k answers and asks the model which is "
+                  "right; majority@k and oracle@k (any sample right) are reference lines, as R3V reports them.", '']
+    lines += ['## Figures', '']
     lines += [f"![{t}](plots/{f})" for t, f in figs] + ['']
     if cards:
         lines += ['## Rationale cards', '']
