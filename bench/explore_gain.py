@@ -61,6 +61,9 @@ LOOPS = {  # variants of embedded_config, all with about the CPU cost of the def
     # every question kept so far, with its newest records (Method.pool, the stl-pool method)
     'P': dict(method='stl-pool'),
     'P-K2': dict(method='stl-pool', gen=dict(temperature=1.0, n=2), per_question=1, neg_temperature=0.0),
+    # ... each question's records from the OLDEST round that kept it (checks 'O' reverses the pool's order)
+    'PO-K2': dict(method='stl-pool', gen=dict(temperature=1.0, n=2), per_question=1, neg_temperature=0.0, checks='O'),
+    'PO': dict(method='stl-pool', checks='O'),
 }
 
 def fp32():
@@ -104,6 +107,10 @@ def stated_answer(explanation):
 def install_checks(which:str):
     "Drop kept records that fail the consistency checks `which` ('N': negatives, 'P': positives) before a round trains."
     import stl_nb.loop as L
+    if 'O' in which:   # the pool keeps each question's oldest kept records instead of its newest
+        newest_first = L.pool_kept
+        L.pool_kept = lambda rounds: newest_first(list(reversed(rounds)))
+        if which == 'O': return
     from stl_nb.templates import parse_negative
     from stl_nb.world import words
     plain = L.examples_of
