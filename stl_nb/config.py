@@ -84,6 +84,7 @@ class STLConfig:
     limit: int|None = None            # training questions (None: all; the world has no end, so 1000)
     test_limit: int|None = None       # test questions (None: all; the world: 500)
     domains: tuple = ()               # keep only these domains (M3CoT: the paper trains one model per domain); () all
+    test_domains: tuple = ()          # test on these domains instead (cross-domain transfer); () the same as `domains`
     data_seed: int = 1                # which questions: the world's draw, or the shuffle before `limit` on a real data set
     seed: int = 0                     # seeds LoRA's initialisation, the batch order and sampling (written into train, gen, eval_gen)
     quant: str|None = None            # '4bit' (QLoRA, needs bitsandbytes) or None (full precision)
@@ -98,6 +99,7 @@ class STLConfig:
     def __post_init__(self):
         for k in ('train', 'gen', 'eval_gen'): object.__setattr__(self, k, replace(getattr(self, k), seed=self.seed))
         object.__setattr__(self, 'domains', tuple(self.domains))
+        object.__setattr__(self, 'test_domains', tuple(self.test_domains))
         if self.method not in METHODS: raise RunError(f"unknown method {self.method!r}; one of {', '.join(METHODS)}")
         if self.quant not in (None, '4bit'): raise RunError(f"quant must be '4bit' or None, not {self.quant!r}")
         if self.backend not in ('hf', 'vllm'): raise RunError(f"backend must be 'hf' or 'vllm', not {self.backend!r}")
@@ -123,7 +125,7 @@ class STLConfig:
         known = {f.name for f in fields(cls)}
         if bad := sorted(set(d) - known): raise RunError(f"unknown config fields {bad}")
         sub = {k: _from_dict(SUBCONFIGS[k], d[k]) for k in SUBCONFIGS if k in d}
-        return cls(**{**d, **sub, 'domains': tuple(d.get('domains', ()))})
+        return cls(**{**d, **sub, 'domains': tuple(d.get('domains', ())), 'test_domains': tuple(d.get('test_domains', ()))})
 
 def _from_dict(cls, d:dict):
     "A `TrainConfig` or `GenConfig` from its dict, its tuple fields as tuples."

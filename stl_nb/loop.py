@@ -155,7 +155,8 @@ class Run:
         if split not in self.data:
             c = self.cfg
             limit = c.limit if split == 'train' else c.test_limit
-            s = fit_context(load_data(c.data, split, limit, c.data_seed, c.domains), c, split)
+            domains = c.domains if split == 'train' else (c.test_domains or c.domains)   # test_domains: transfer
+            s = fit_context(load_data(c.data, split, limit, c.data_seed, domains), c, split)
             if not len(s): raise RunError(_no_questions(s, c.data, split))
             self.data[split] = s
         return self.data[split]

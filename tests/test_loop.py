@@ -305,3 +305,17 @@ def test_several_replies_per_question_keep_the_first_right_one(tmp_path):
     assert len(neg) == sum(choices[r['id']] - 1 for r in kept)
     assert all(r['k'] == 0 and r['gen']['temperature'] == 0.0 and r['gen']['n'] == 1 for r in neg)
     assert json.loads((Path(cfg.out)/'config.json').read_text())['per_question'] == 1
+
+def test_test_domains_set_the_test_split_apart(tmp_path):
+    "Cross-domain transfer (issue 16): train on one domain, test on others; () tests on the training domains."
+    from stl_nb.loop import Run
+    cfg = tiny_config(domains=('counting',), test_domains=('attribute', 'counting'), out=str(tmp_path/'t'))
+    run = Run(cfg, Path(cfg.out), progress=False)
+    assert {s.domain for s in run.samples('train')} == {'counting'}
+    assert {s.domain for s in run.samples('test')} == {'attribute', 'counting'}
+    same = Run(tiny_config(domains=('counting',), out=str(tmp_path/'u')), tmp_path/'u', progress=False)
+    assert {s.domain for s in same.samples('test')} == {'counting'}
+    assert STLConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))).test_domains == ('attribute', 'counting')
+    flags = vars(run_parser().parse_args(['--test_domains', 'spatial,comparison']))
+    assert flags['test_domains'] == ('spatial', 'comparison')
+    assert cli_config(test_domains=flags['test_domains']).test_domains == ('spatial', 'comparison')
