@@ -350,7 +350,7 @@ def best_round(run:dict) -> dict:
 # %% ../nbs/09_evaluate.ipynb #dd0322c9
 def _cell(v, digits:int=1) -> str:
     "A value as table text: '–' for missing, ints as they are, other numbers to `digits` decimals."
-    if v is None or (isinstance(v, float) and math.isnan(v)): return '–'
+    if v is None or v is pd.NA or (isinstance(v, float) and math.isnan(v)): return '–'
     if isinstance(v, numbers.Integral) and not isinstance(v, bool): return str(v)
     if isinstance(v, numbers.Real) and not isinstance(v, bool): return f"{v:.{digits}f}"
     t = ' '.join(map(str, v)) if isinstance(v, tuple) else str(v)

@@ -372,7 +372,9 @@ def log_round(run:Run, row:dict):
     if row['round']:
         line += f" (round 0: {percent(run.row(0)['accuracy'])})"
         if 'select_accuracy' in row: line += f", select@{row['samples']} {percent(row['select_accuracy'])}"
-        if row['n_positive'] + row['n_negative']:
+        if 'n_refine' in row:   # R3V: rationales, refine and select examples
+            line += f", trained on {row['n_positive']} rationales + {row['n_refine']} refine + {row['n_select']} select examples"
+        elif row['n_positive'] + row['n_negative']:
             line += f", trained on {row['n_positive']} positives + {row['n_negative']} negatives"
         else: line += ", kept no positives: nothing to train on, so this round's model is the base"
     print(f"{line}, {row['seconds']/60:.1f} min", flush=True)

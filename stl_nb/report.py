@@ -77,7 +77,9 @@ def round_table(m:dict) -> pd.DataFrame:
         k = r.get('samples') or 3
         row |= {f'select@{k} %': _pc(r['select_accuracy']), f'majority@{k} %': _pc(r['majority_accuracy']),
                 f'oracle@{k} %': _pc(r['oracle_accuracy']), 'refine': r.get('n_refine'), 'select': r.get('n_select')}
-    return pd.DataFrame(rows).set_index('round')
+    table = pd.DataFrame(rows).set_index('round')
+    counts = {k: 'Int64' for k in ('refine', 'select') if k in table}   # whole numbers, blank in round 0
+    return table.astype(counts)
 
 def domain_table(m:dict) -> pd.DataFrame:
     "Accuracy (%) per domain (rows, overall last) and round (columns)."
