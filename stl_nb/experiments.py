@@ -50,7 +50,9 @@ def transfer_gains(out, domains, seeds=(0,)) -> pd.DataFrame:
 def transfer_matrix(gains:pd.DataFrame) -> pd.DataFrame:
     "Train domain (rows) × test domain (columns): the mean gain over seeds, in points."
     m = gains.groupby(['train', 'test'])['gain'].mean().unstack('test') * 100
-    return m.loc[list(dict.fromkeys(gains['train'])), list(dict.fromkeys(gains['test']))].round(1)
+    trains, tests = list(dict.fromkeys(gains['train'])), list(dict.fromkeys(gains['test']))
+    cols = [d for d in trains if d in tests] + [t for t in tests if t not in trains]   # the diagonal on the diagonal
+    return m.loc[trains, cols].round(1)
 
 # %% ../nbs/15_experiments.ipynb #414a6589
 def plot_transfer(matrix:pd.DataFrame, path=None, title='gain over the base (points) by training and test domain', dpi:int=100) -> Figure:
