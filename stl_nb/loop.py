@@ -289,16 +289,16 @@ def test_selection(run:Run, rnd:int, adapter:str|None) -> dict:
     vlm, engine = run.generator(adapter)
     recs = generate(vlm, test, d/'test_samples.jsonl', sampling(run.cfg.eval_gen, m), (m.kind,), rnd, adapter, run.progress,
                     engine=engine)
-    of = {}
-    for r in recs: of.setdefault(r['id'], []).append(r['answer'])
-    asked = [replace(s, meta=s.meta | dict(predictions=[r['raw'] for r in recs if r['id'] == s.id])) for s in test]
+    of = {}                                   # each test question's sampled records
+    for r in recs: of.setdefault(r['id'], []).append(r)
+    asked = [replace(s, meta=s.meta | dict(predictions=[r['raw'] for r in of[s.id]])) for s in test]
     picked = generate(vlm, asked, d/'test_select.jsonl', run.cfg.eval_gen, ('select',), rnd, adapter, run.progress,
                       engine=engine)
     chosen = {r['id']: r['answer'] for r in picked}
     share = lambda hits: sum(hits) / len(test)
     return dict(samples=m.samples, select_accuracy=share(chosen[s.id] == s.answer for s in test),
-                majority_accuracy=share(majority(of[s.id]) == s.answer for s in test),
-                oracle_accuracy=share(s.answer in of[s.id] for s in test))
+                majority_accuracy=share(majority([r['answer'] for r in of[s.id]]) == s.answer for s in test),
+                oracle_accuracy=share(any(r['answer'] == s.answer for r in of[s.id]) for s in test))
 
 # %% ../nbs/12_loop.ipynb #1619fa77
 def make_data(run:Run, rnd:int) -> list:

@@ -83,16 +83,20 @@ KILLS = [
                                  and not (d/'round_1'/'metrics.json').exists()),
 ]
 
-def test_killed_at_every_stage_then_resumed_equals_uninterrupted(runs):
-    d = runs/'killed'
-    for fault, state in KILLS:
-        r = stl_run(runs/'config.json', d, fault)
+def kill_then_resume(cfg_file, d, kills, reference):
+    "Kill a run of `cfg_file` in `d` at each (point, state) of `kills` in turn, then finish it: the files of `reference`."
+    for fault, state in kills:
+        r = stl_run(cfg_file, d, fault)
         assert r.returncode == -signal.SIGKILL, f"STL_FAULT={fault}: exit {r.returncode}, the point was not reached\n{r.stderr[-2000:]}"
         assert state(d), f"after the kill at {fault}"
-    r = stl_run(runs/'config.json', d)
+    r = stl_run(cfg_file, d)
     assert r.returncode == 0, r.stderr[-2000:]
-    assert_same_run(d, runs/'reference')
-    assert untimed(read_json(d/'metrics.json')) == untimed(read_json(runs/'reference'/'metrics.json'))
+    assert_same_run(d, reference)
+    assert untimed(read_json(d/'metrics.json')) == untimed(read_json(reference/'metrics.json'))
+
+def test_killed_at_every_stage_then_resumed_equals_uninterrupted(runs):
+    d = runs/'killed'
+    kill_then_resume(runs/'config.json', d, KILLS, runs/'reference')
     from stl_nb.models import load_vlm
     vlm = load_vlm('embedded', adapter=d/'round_1'/'adapter')   # the adapter loads, with LoRA weights in it
     assert any('lora_' in n for n, _ in vlm.model.named_parameters())

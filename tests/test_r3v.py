@@ -1,5 +1,4 @@
 "R3V (issue 15): its examples, its round (sampled, pooled) and test-time selection, resumed after a kill at each of its stages."
-import signal
 from pathlib import Path
 import pytest
 from stl_nb.loop import METHODS, tiny_config, run_stl, write_json, read_json
@@ -7,7 +6,7 @@ from stl_nb.generate import GenConfig, read_records
 from stl_nb.train import embedded_train_config
 from stl_nb.models import _embedded_dir
 from conftest import STL_RUN
-from test_crash import stl_run, assert_same_run, untimed
+from test_crash import stl_run, kill_then_resume
 
 pytestmark = pytest.mark.skipif(not (_embedded_dir()/'config.json').exists(), reason="the embedded model is not built (chapter 04)")
 
@@ -71,12 +70,4 @@ def test_r3v_killed_at_each_stage_then_resumed_equals_uninterrupted(tmp_path):
                       eval_gen=GenConfig(max_new_tokens=96, batch_size=4), train=embedded_train_config(batch_size=8, logging_steps=1))
     write_json(tmp_path/'config.json', cfg.to_dict())
     assert stl_run(tmp_path/'config.json', tmp_path/'reference').returncode == 0
-    d = tmp_path/'killed'
-    for fault, state in R3V_KILLS:
-        r = stl_run(tmp_path/'config.json', d, fault)
-        assert r.returncode == -signal.SIGKILL, f"STL_FAULT={fault}: exit {r.returncode}\n{r.stderr[-2000:]}"
-        assert state(d), f"after the kill at {fault}"
-    r = stl_run(tmp_path/'config.json', d)
-    assert r.returncode == 0, r.stderr[-2000:]
-    assert_same_run(d, tmp_path/'reference')
-    assert untimed(read_json(d/'metrics.json')) == untimed(read_json(tmp_path/'reference'/'metrics.json'))
+    kill_then_resume(tmp_path/'config.json', tmp_path/'killed', R3V_KILLS, tmp_path/'reference')
