@@ -179,6 +179,12 @@ def train_once(examples, group_by_length:bool, epochs:float, quant=None, work=No
     cfg = (preset or embedded_train_config)(epochs=epochs, group_by_length=group_by_length, logging_steps=1000)
     with quiet(): return train_qlora(load_vlm(model, quant=quant), examples, cfg, tempfile.mkdtemp(dir=work), progress=False)
 
+def padding_of(lengths, bs, order) -> float:
+    "Fraction of padded positions when examples of `lengths` are batched `bs` at a time in `order`."
+    batches = [[lengths[i] for i in order[k:k + bs]] for k in range(0, len(order), bs)]
+    total = sum(max(b)*len(b) for b in batches if b)
+    return 1 - sum(lengths)/total if total else 0.0
+
 def compare_batches(part, examples, train, vlm, batch_size:int, repeats:int) -> list:
     "Rows of `train(examples, group_by_length)` with random vs length-grouped batches, interleaved, best of `repeats` each; then the padding of fully sorted batches (`vlm` measures the lengths) and the ceiling it sets."
     res = {False: [], True: []}
@@ -191,9 +197,9 @@ def compare_batches(part, examples, train, vlm, batch_size:int, repeats:int) -> 
         rows.append(row(part, f'{what}: tokens/s', r.tokens_per_s, 'tokens/s', None if not g else best[False].tokens_per_s,
                         padding=round(r.padding, 3), seconds=round(r.seconds, 2), examples=r.n_examples))
         rows.append(row(part, f'{what}: padding fraction', r.padding, 'fraction', None if not g else best[False].padding))
-    from stl_nb.train import example_lengths, _padding
+    from stl_nb.train import example_lengths
     lengths, _ = example_lengths(vlm, examples)
-    pad_sorted = _padding(lengths, batch_size, sorted(range(len(lengths)), key=lambda i: -lengths[i]))
+    pad_sorted = padding_of(lengths, batch_size, sorted(range(len(lengths)), key=lambda i: -lengths[i]))
     rows.append(row(part, 'fully sorted batches: padding fraction', pad_sorted, 'fraction', best[False].padding))
     # the most that removing padding can give (same compute per real token): this is the ceiling of any length grouping
     rows.append(row(part, 'ceiling of grouping: (1-pad_sorted)/(1-pad_random)', (1 - pad_sorted)/(1 - best[False].padding), 'ratio'))

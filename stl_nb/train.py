@@ -88,9 +88,15 @@ def example_lengths(vlm:VLM, examples, max_length=None) -> tuple:
     return lengths, dropped
 
 class _Collate:
-    "Encode a list of examples into one labelled batch (right padding, as training prefers)."
-    def __init__(self, vlm, max_length=None): self.vlm, self.max_length = vlm, max_length
+    "Encode a list of examples (or of rows naming them by `index`) into one labelled batch (right padding, as training prefers)."
+    def __init__(self, vlm, max_length=None, examples=None, lengths=None):
+        self.vlm, self.max_length, self.examples, self.lengths = vlm, max_length, examples, lengths
+        self.real, self.padded = 0, 0   # positions with a token, and positions in all, over the batches built so far
     def __call__(self, examples):
+        if self.examples is not None:   # the Trainer hands rows of the index table: {'index': i, 'length': n}
+            rows = [self.lengths[r['index']] for r in examples]
+            self.real, self.padded = self.real + sum(rows), self.padded + max(rows)*len(rows)
+            examples = [self.examples[r['index']] for r in examples]
         with warnings.catch_warnings():
             warnings.simplefilter('ignore')  # shortened targets were counted up front
             return self.vlm.encode([e.image for e in examples], [e.messages for e in examples], [e.target for e in examples],
@@ -113,17 +119,10 @@ def lora_config(model, cfg:TrainConfig):
                       bias='none', task_type='CAUSAL_LM')
 
 # %% ../nbs/05_train.ipynb #ec39737c
-def _trainer_cls():
-    from transformers import Trainer
-    from transformers.trainer_pt_utils import LengthGroupedSampler
-    class _STLTrainer(Trainer):
-        lengths = None
-        def _get_train_sampler(self, train_dataset=None):
-            if self.lengths is None: return super()._get_train_sampler(train_dataset)
-            g = torch.Generator(); g.manual_seed(self.args.seed)
-            return LengthGroupedSampler(self.args.train_batch_size*self.args.gradient_accumulation_steps,
-                                        lengths=self.lengths, generator=g)
-    return _STLTrainer
+def _index_table(lengths):
+    "The Trainer's view of the examples: a `datasets.Dataset` of their indices and a `length` column to group them by."
+    from datasets import Dataset
+    return Dataset.from_dict({'index': list(range(len(lengths))), 'length': list(lengths)})
 
 def _crash_points():
     "A `TrainerCallback` marking each optimizer step as the crash point 'train_step' (chapter 04a)."
@@ -145,6 +144,7 @@ def training_args(cfg:TrainConfig, out_dir, n_examples=None):
         per_device_train_batch_size=cfg.batch_size, gradient_accumulation_steps=cfg.grad_accum,
         warmup_steps=cfg.warmup, lr_scheduler_type=cfg.schedule, weight_decay=cfg.weight_decay,
         gradient_checkpointing=cfg.grad_checkpointing, logging_steps=cfg.logging_steps, save_strategy='no',
+        train_sampling_strategy='group_by_length' if cfg.group_by_length else 'random', length_column_name='length',
         report_to=[], remove_unused_columns=False, seed=cfg.seed, data_seed=cfg.seed, dataloader_num_workers=0,
         disable_tqdm=False, use_cpu=not torch.cuda.is_available(), **_precision())
 
@@ -182,11 +182,6 @@ def _save_atomic(model, adapter_dir):
     os.replace(tmp, adapter_dir)
     return str(adapter_dir)
 
-def _padding(lengths, bs, order):
-    "Fraction of padded positions when examples are batched in `order`."
-    batches = [[lengths[i] for i in order[k:k+bs]] for k in range(0, len(order), bs)]
-    total = sum(max(b)*len(b) for b in batches if b)
-    return 1 - sum(lengths)/total if total else 0.0
 
 # %% ../nbs/05_train.ipynb #6bd687d5
 def train_qlora(vlm:VLM, examples, cfg:TrainConfig=TrainConfig(), out_dir=None, progress=True) -> TrainResult:
@@ -215,9 +210,10 @@ def train_qlora(vlm:VLM, examples, cfg:TrainConfig=TrainConfig(), out_dir=None, 
         for n, p in model.named_parameters(): p.requires_grad_('lora_' in n)
     with warnings.catch_warnings():  # transformers 5 renames gradient_checkpointing; the old name works on every 5.x
         warnings.simplefilter('ignore', FutureWarning)
-        trainer = _trainer_cls()(model=model, args=training_args(cfg, out_dir/'trainer'), train_dataset=examples,
-                                 data_collator=_Collate(vlm, cfg.max_length), callbacks=[_crash_points()])
-    if cfg.group_by_length: trainer.lengths = lengths
+        from transformers import Trainer
+        collate = _Collate(vlm, cfg.max_length, examples, lengths)
+        trainer = Trainer(model=model, args=training_args(cfg, out_dir/'trainer'), train_dataset=_index_table(lengths),
+                          data_collator=collate, callbacks=[_crash_points()])
     if not progress:   # the Trainer adds its progress bar as a callback when it is built: take it out
         from transformers.trainer_callback import ProgressCallback
         trainer.args.disable_tqdm = True; trainer.remove_callback(ProgressCallback)
@@ -231,14 +227,9 @@ def train_qlora(vlm:VLM, examples, cfg:TrainConfig=TrainConfig(), out_dir=None, 
     t_train = time.time() - t_train
     vlm.model = model
     losses = [(h['step'], h['loss']) for h in trainer.state.log_history if 'loss' in h]
-    bs = cfg.batch_size
-    # the order of the first epoch's batches: the length-grouped sampler's (its generator seeded anew), or the permutation
-    # accelerate's seedable sampler draws for random batches (seed data_seed = cfg.seed in epoch 0, + e in epoch e)
-    order = (list(trainer._get_train_sampler()) if cfg.group_by_length else
-             torch.randperm(len(lengths), generator=torch.Generator().manual_seed(cfg.seed)).tolist())
     main = trainer.is_world_process_zero()   # data-parallel (accelerate launch, torchrun): rank 0 writes, the others wait
     res = TrainResult(str(out_dir/'adapter'), len(examples), len(dropped), losses, time.time() - start,
-                      _padding(lengths, bs, order), sum(lengths)*cfg.epochs/t_train)
+                      1 - collate.real/max(1, collate.padded), sum(lengths)*cfg.epochs/t_train)
     if main:
         shutil.rmtree(out_dir/'trainer', ignore_errors=True)
         write_atomic(out_dir/'train.json', json.dumps({**asdict(res), 'config': asdict(cfg)}, indent=1))
