@@ -71,7 +71,8 @@ def bench_batch(vlm, samples, cfg, repeats):
 def bench_negatives(vlm, samples, cfg, repeats, part='negatives'):
     "Rows of the table: negatives generated independently, then from a shared prefix, in the same batches."
     from stl_nb.generate import batches, reply_jobs
-    from stl_nb.negatives import negative_jobs, reply_shared, shares_prefix
+    from stl_nb.negatives import negative_jobs
+    from stl_nb.shared_prefix import reply_shared, shares_prefix
     if not shares_prefix(vlm): sys.exit(f"{vlm.name} ({vlm.kind}) does not share prefixes: nothing to compare")
     jobs = negative_jobs([dict(id=s.id, kind='positive') for s in samples], samples)
     reply_shared(vlm, jobs[:3], cfg); reply_jobs(vlm, jobs[:3], cfg)  # warm-up

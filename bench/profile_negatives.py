@@ -28,10 +28,11 @@ def main(argv=None):
     from stl_nb.world import make_world
     from stl_nb.generate import batches, prompt_text, style_of, on_device, pad_id
     from stl_nb.templates import chat
-    from stl_nb import negatives as N
+    from stl_nb import shared_prefix as N
+    from stl_nb.negatives import negative_jobs
     vlm = load_vlm('embedded'); M, conf = vlm.model, vlm.model.get_decoder().config
     four = [s for s in make_world(512, seed=0) if len(s.choices) == 4][:64]
-    g = batches(N.negative_jobs([dict(id=s.id, kind='positive') for s in four], four), a.batch_size)[0]
+    g = batches(negative_jobs([dict(id=s.id, kind='positive') for s in four], four), a.batch_size)[0]
     msgs, imgs = [chat(prompt_text(j.sample, j.kind, j.distractor, style_of(vlm))) for j in g], [j.sample.image for j in g]
     AttentionInterface.register('skip', lambda m, q, k, v, mask, scaling, dropout=0., **kw: (q.transpose(1, 2).contiguous(), None))
     AttentionMaskInterface.register('skip', eager_mask)

@@ -17,6 +17,7 @@ from .train import Example, train_qlora, merge_adapter
 from .generate import GenConfig, generate, read_records, style_of
 from .filter import keep_correct, positive_examples, r3v_examples
 from .negatives import generate_round, negative_examples
+from .shared_prefix import reply_shared   # appendix 08a: the negatives' fast engine
 from .evaluate import score, round_row, load_run, percent
 from .durable import barrier, is_main, write_atomic
 from .vllm import vllm_backend, vllm_engine
@@ -310,7 +311,7 @@ def make_data(run:Run, rnd:int) -> list:
     vlm, engine = run.generator(prev)
     rd = generate_round(vlm, train, out, run.cfg.gen, caption=m.caption, negatives=m.negatives, neg_cfg=run.cfg.neg_gen,
                         rnd=rnd, adapter=prev, progress=run.progress, strict=m.strict, engine=engine,
-                        per_question=run.cfg.per_question)
+                        per_question=run.cfg.per_question, neg_engine=engine or reply_shared)
     star = []
     if m.rationalize:
         star = rationalize(vlm, rd.kept, train, out, run.cfg.gen, rnd, prev, run.progress, engine, run.cfg.per_question)

@@ -1,4 +1,4 @@
-"""stl_nb.negatives: shared-prefix generation gives the straightforward way's replies, the training form never shows the
+"""stl_nb.negatives and stl_nb.shared_prefix (appendix 08a): shared-prefix generation gives the straightforward way's replies, the training form never shows the
 answer, the audit counts what it says, and a round runs (and resumes) from one call.
 
 The model is the tiny random LLaVA of tests/test_generate.py (varied replies, so equality means something); the real
@@ -14,9 +14,10 @@ from stl_nb.models import VLM
 from stl_nb.templates import PromptStyle, chat, negative_prompt, render_rationale, render_negative
 from stl_nb.generate import GenConfig, Job, Reply, make_record, read_records, reply_jobs, generate_batch, prompt_text, batches
 from stl_nb.filter import keep_correct
-from stl_nb.negatives import (negative_jobs, split_prompts, shares_prefix, generate_shared, reply_shared, make_negatives,
-                              negative_examples, audit_negatives, audit_one, generate_round, AUDIT, cascades, prefix_mode)
-import stl_nb.negatives as negatives
+from stl_nb.negatives import (negative_jobs, make_negatives, negative_examples, audit_negatives, audit_one, generate_round,
+                              AUDIT)
+from stl_nb.shared_prefix import split_prompts, shares_prefix, generate_shared, reply_shared, cascades, prefix_mode
+import stl_nb.shared_prefix as shared_prefix
 from test_generate import tiny_vlm, STYLE
 from conftest import Crash, crash_after
 
@@ -74,11 +75,11 @@ def test_decoding_reads_one_prefix_per_question(vlm, monkeypatch):
     jobs = negative_jobs(kept_of(WORLD[:10]), WORLD)
     cfg = GenConfig(max_new_tokens=16)
     seen = []
-    monkeypatch.setattr(negatives, 'prefix_cache', lambda c, o, f=negatives.prefix_cache: seen.append(f(c, o)) or seen[-1])
+    monkeypatch.setattr(shared_prefix, 'prefix_cache', lambda c, o, f=shared_prefix.prefix_cache: seen.append(f(c, o)) or seen[-1])
     assert cascades(vlm) and reply_shared(vlm, jobs, cfg) == reply_jobs(vlm, jobs, cfg)
     layer = seen[0].layers[0]
     assert layer.prefix_values.shape[0] == 10 and layer.keys.shape[0] == len(jobs)      # 10 prefixes for the rows of 10 questions
-    monkeypatch.setattr(negatives, 'cascades', lambda v: False)
+    monkeypatch.setattr(shared_prefix, 'cascades', lambda v: False)
     assert reply_shared(vlm, jobs, cfg) == reply_jobs(vlm, jobs, cfg)
 
 def test_interleaved_and_uneven_groups(vlm):
@@ -294,7 +295,7 @@ def test_shared_prefix_through_a_lora_adapter(tmp_path):
 # --------------------------------------------------------------------------- the transformers internals the cascade leans on
 
 def test_prefix_cascade_assumptions_hold(vlm):
-    """The shared-prefix cascade (chapter 08) relies on transformers internals that no release promises to keep: a cache
+    """The shared-prefix cascade (appendix 08a) relies on transformers internals that no release promises to keep: a cache
     made of `layers` with `layer_class_to_replicate`, `DynamicLayer`'s fields, the attention and mask registries, and
     the language model's `config._attn_implementation`. A release that moves one of them fails here, by name, instead
     of the cascade silently turning itself off (`cascades` False: the copied-prefix path, slower) or breaking."""
@@ -308,7 +309,7 @@ def test_prefix_cascade_assumptions_hold(vlm):
         assert callable(getattr(DynamicLayer, name, None)), f'DynamicLayer.{name} is gone'
     assert hasattr(DynamicLayer(), 'is_initialized'), 'DynamicLayer fields changed'
     assert callable(AttentionInterface.register) and callable(AttentionMaskInterface.register) and callable(eager_mask)
-    from stl_nb.negatives import _decoder, _base_model
+    from stl_nb.shared_prefix import _decoder, _base_model
     assert _decoder(vlm).config._attn_implementation in ('sdpa', 'eager'), 'the attention implementation is named elsewhere'
     assert cascades(vlm), 'the embedded (Llama) model no longer cascades: the fast path is off'
     params = inspect.signature(_base_model(vlm).forward).parameters
