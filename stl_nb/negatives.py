@@ -5,7 +5,6 @@
 # %% ../nbs/08_negatives.ipynb #348862ae
 from __future__ import annotations
 import json, re
-from collections import Counter
 from dataclasses import dataclass, asdict, field
 from pathlib import Path
 from .data import Sample, SampleError, letter, letter_index
