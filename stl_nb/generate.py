@@ -16,10 +16,7 @@ from .templates import (PromptStyle, chat, positive_prompt, negative_prompt, dir
                               parse_rationale, parse_negative, parse_answer)
 
 # %% auto #0
-__all__ = ['PROMPT_KINDS', 'ANSWER_KINDS', 'PARSED', 'GenConfig', 'style_of', 'prompt_text', 'parse_reply', 'Job', 'record_key',
-           'jobs_for', 'batches', 'Reply', 'decoding', 'pad_id', 'replies_of', 'seeded', 'on_device', 'generate_batch',
-           'make_record', 'read_records', 'reply_jobs', 'batch_seed', 'run_jobs', 'generate', 'share_jobs',
-           'merge_parts', 'run_shared', 'records_dataset']
+__all__ = ['PROMPT_KINDS', 'ANSWER_KINDS', 'PARSED', 'GenConfig', 'style_of', 'prompt_text', 'parse_reply', 'Job', 'record_key', 'jobs_for', 'batches', 'Reply', 'decoding', 'pad_id', 'replies_of', 'seeded', 'on_device', 'generate_batch', 'make_record', 'read_records', 'reply_jobs', 'batch_seed', 'run_jobs', 'generate', 'share_jobs', 'merge_parts', 'run_shared', 'records_dataset']
 
 # %% ../nbs/06_generate.ipynb #e6572c59
 @dataclass(frozen=True)
@@ -236,7 +233,7 @@ def _bar(total:int, initial:int, desc:str, progress:bool):
 def run_jobs(vlm, jobs:list, out, cfg:GenConfig=GenConfig(), engine=reply_jobs, rnd=None, adapter=None,
              progress:bool=True, on_batch=None) -> list:
     "Generate `jobs` into the JSONL file `out` batch by batch, skipping records it holds; all the jobs' records, in job order."
-    if process_info()[1] > 1: return run_shared(vlm, jobs, out, cfg, engine, rnd, adapter, progress, on_batch)   # see below
+    if process_info()[1] > 1: return run_shared(vlm, jobs, out, cfg, engine, rnd, adapter, progress, on_batch)   # appendix 06b
     return _run_here(vlm, jobs, out, cfg, engine, rnd, adapter, progress, on_batch)
 
 def _run_here(vlm, jobs:list, out, cfg:GenConfig, engine, rnd, adapter, progress, on_batch, held=None, point=None) -> list:
@@ -267,7 +264,7 @@ def generate(vlm, samples, out, cfg:GenConfig=GenConfig(), kinds=('positive',), 
         raise ValueError(f"kinds {bad}: `generate` takes {takes}; negatives come from stl_nb.negatives.make_negatives")
     return run_jobs(vlm, jobs_for(samples, kinds, cfg.n), out, cfg, engine or reply_jobs, rnd, adapter, progress, on_batch)
 
-# %% ../nbs/06_generate.ipynb #6d9f211d
+# %% ../nbs/06b_generation_store.ipynb #6d9f211d
 def share_jobs(jobs:list, rank:int, world:int) -> list:
     "Rank `rank`'s share of `jobs`: the jobs of every `world`-th question (in order of first appearance), starting at the `rank`-th."
     if not 0 <= rank < world: raise ValueError(f"rank {rank} is not in 0..{world - 1}")
@@ -306,7 +303,7 @@ def run_shared(vlm, jobs:list, out, cfg:GenConfig=GenConfig(), engine=reply_jobs
     done = _by_key(read_records(out), out)
     return [done[j.key] for j in jobs]
 
-# %% ../nbs/06_generate.ipynb #953f3100
+# %% ../nbs/06b_generation_store.ipynb #953f3100
 def records_dataset(path):
     "The records of a JSONL file as a `datasets.Dataset`."
     from datasets import Dataset

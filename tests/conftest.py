@@ -24,7 +24,7 @@ def qwen_dir(): return fixture_dir('qwen2.5-vl-7b-instruct')
 def m3cot_dir(): return fixture_dir('m3cot-sample')
 
 
-# ---------------------------------------------------------------- helpers shared by tests and chapters (06, 08 import them)
+# ---------------------------------------------------------------- helpers shared by tests and chapters (06b, 08 import them)
 
 class Crash(Exception):
     "The exception `crash_after` raises: a run killed in the middle, as far as the code under test can tell."
