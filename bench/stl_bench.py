@@ -288,7 +288,7 @@ def spread_samples(folder:Path, seed:int=0):
 def spread_examples(samples, seed:int=0) -> list:
     "A round's training examples of `samples`: a positive rationale per question and a negative per wrong option, through `positive_examples` and `negative_examples` from records of placeholder prose."
     from stl_nb.data import letter
-    from stl_nb.filter import positive_examples
+    from stl_nb.keep import positive_examples
     from stl_nb.negatives import negative_examples
     from stl_nb.templates import render_rationale, render_negative
     from stl_nb.train import Example

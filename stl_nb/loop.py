@@ -15,7 +15,7 @@ from .templates import chat, direct_prompt, direct_target
 from .models import load_vlm, processor_vlm
 from .train import Example, train_qlora, merge_adapter
 from .generate import GenConfig, generate, read_records, style_of
-from .filter import keep_correct, positive_examples, r3v_examples
+from .keep import keep_correct, positive_examples, r3v_examples
 from .negatives import generate_round, negative_examples
 from .shared_prefix import reply_shared   # appendix 08a: the negatives' fast engine
 from .evaluate import score, round_row, load_run, percent

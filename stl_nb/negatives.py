@@ -11,7 +11,7 @@ from .data import Sample, SampleError, letter, letter_index
 from .templates import PromptStyle, chat, negative_prompt, parse_negative, render_negative
 from .world import WorldConfig, hallucinations, missing_needs, mentions_option, named_option, words
 from .generate import GenConfig, Job, run_jobs, reply_jobs, generate, prompt_text, style_of
-from .filter import FilterReport, keep_correct, positive_examples, sample_of, index_samples
+from .keep import FilterReport, keep_correct, positive_examples, sample_of, index_samples
 from .durable import is_main, write_atomic
 
 # %% auto #0
@@ -36,7 +36,7 @@ def _negative_example(r:dict, s:Sample, style:PromptStyle) -> tuple:
 def negative_examples(records:list, samples, style:PromptStyle=PromptStyle()) -> list:
     "Training examples of kept negative records: image, the prompt with the correct answer removed, caption + explanation."
     if bad := [r['kind'] for r in records if not r['kind'].startswith('negative')]:
-        raise ValueError(f"{len(bad)} records of kind {bad[0]!r}: their examples come from stl_nb.filter.positive_examples")
+        raise ValueError(f"{len(bad)} records of kind {bad[0]!r}: their examples come from stl_nb.keep.positive_examples")
     by_id = index_samples(samples)
     return [_negative_example(r, sample_of(by_id, r), style) for r in records]
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pandas as pd
 from .data import letter_index
 from .generate import read_records
-from .filter import keep_correct
+from .keep import keep_correct
 from .evaluate import (load_run, plot_rounds, plot_domains, plot_data, rationale_card, markdown_table, method_colours,
                              percent)
 from .durable import write_atomic

@@ -13,7 +13,7 @@ from PIL import Image
 import stl_nb
 from stl_nb.data import Samples, samples_from_records, from_hf
 from stl_nb.templates import positive_prompt, render_rationale, parse_rationale, Rationale
-from stl_nb.filter import judge, DROP_REASONS
+from stl_nb.keep import judge, DROP_REASONS
 from stl_nb.generate import GenConfig
 from stl_nb.loop import STLConfig, tiny_config, check_run, prepare_out, load_model, fit_context, run_stl, Run
 from stl_nb.cli import _main

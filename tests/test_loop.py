@@ -288,7 +288,7 @@ def test_data_md_lists_every_rejected_record(tmp_path):
 
 def test_several_replies_per_question_keep_the_first_right_one(tmp_path):
     "gen.n=3 sampled replies per question, per_question=1, greedy negatives: one kept rationale per solved question, one negative per wrong option."
-    from stl_nb.filter import keep_correct
+    from stl_nb.keep import keep_correct
     from stl_nb.loop import load_data
     gen = GenConfig(max_new_tokens=192, batch_size=64, temperature=1.0, n=3)
     cfg = tiny(tmp_path, gen=gen, per_question=1, neg_temperature=0.0, rounds=1)

@@ -13,7 +13,7 @@ from stl_nb.world import make_world
 from stl_nb.models import VLM
 from stl_nb.templates import PromptStyle, chat, negative_prompt, render_rationale, render_negative
 from stl_nb.generate import GenConfig, Job, Reply, make_record, read_records, reply_jobs, generate_batch, prompt_text, batches
-from stl_nb.filter import keep_correct
+from stl_nb.keep import keep_correct
 from stl_nb.negatives import (negative_jobs, make_negatives, negative_examples, audit_negatives, audit_one, generate_round,
                               AUDIT)
 from stl_nb.shared_prefix import split_prompts, shares_prefix, generate_shared, reply_shared, cascades, prefix_mode

@@ -1,4 +1,4 @@
-"""stl_nb.filter: every generated record accounted for, one reason per drop, the same reading of a reply as evaluation."""
+"""stl_nb.keep: every generated record accounted for, one reason per drop, the same reading of a reply as evaluation."""
 import random
 from collections import Counter
 from dataclasses import asdict
@@ -7,7 +7,7 @@ from stl_nb.data import SampleError
 from stl_nb.world import make_world
 from stl_nb.templates import PromptStyle, chat, positive_prompt, render_rationale, render_negative
 from stl_nb.generate import GenConfig, Job, Reply, make_record
-from stl_nb.filter import DROP_REASONS, FilterReport, degenerate, judge, keep_correct, positive_examples
+from stl_nb.keep import DROP_REASONS, FilterReport, degenerate, judge, keep_correct, positive_examples
 
 PROV = dict(round=0, model='reference', adapter=None, gen=asdict(GenConfig()))
 WORLD = make_world(200, seed=3)
