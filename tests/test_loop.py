@@ -4,7 +4,7 @@ from dataclasses import replace
 from pathlib import Path
 import pytest
 from stl_nb.loop import (METHODS, PAPER_METHODS, Method, RunError, STLConfig, tiny_config, embedded_config, real_config, run_stl, run_compare,
-                         load_data, prepare_out, config_diff, paired_gain, mean_run, comparison_table, share_files)
+                         load_data, prepare_out, paired_gain, mean_run, comparison_table, share_files)
 from stl_nb.cli import cli_config, run_parser
 from stl_nb.generate import GenConfig, read_records
 from stl_nb.models import _embedded_dir
@@ -54,11 +54,6 @@ def test_methods():
     assert METHODS['star'].rationalize and not METHODS['star'].negatives and METHODS['stl'].negatives
     assert {n for n, m in METHODS.items() if not m.caption} == {'stl-no-caption', 'stl-no-caption-no-negatives', 'direct'}
     with pytest.raises(ValueError): Method(target='answers')
-
-def test_config_diff_ignores_out_and_rounds():
-    a = tiny_config().to_dict()
-    assert config_diff(a, replace(tiny_config(), out='elsewhere', rounds=9).to_dict()) == []
-    assert config_diff(a, tiny_config(limit=5).to_dict()) == ['limit: 24 -> 5']
 
 def test_prepare_out(tmp_path):
     cfg = tiny_config(out=str(tmp_path/'r'))
@@ -167,12 +162,6 @@ def test_resume_after_interruption_gives_the_same_files(stl, tmp_path):
     for f in ('negatives.jsonl', 'test.jsonl', 'scores.csv'): assert (d/f).read_bytes() == (orig/f).read_bytes(), f
     if (orig/'adapter').exists():
         assert (d/'adapter'/'adapter_model.safetensors').read_bytes() == (orig/'adapter'/'adapter_model.safetensors').read_bytes()
-
-@needs_model
-def test_another_config_refused(stl):
-    cfg, _ = stl
-    with pytest.raises(RunError, match=r"holds a run of another config \(method: 'stl' -> 'star'\)"):
-        run_stl(replace(cfg, method='star'), progress=False)
 
 @needs_model
 @pytest.mark.parametrize('method', ['direct', 'zero-shot', 'star', 'stl-no-caption'])
