@@ -31,12 +31,16 @@ class Method:
     temperature: float = 0.9     # ... their sampling temperature and top_p when `samples` > 1 (R3V's code: 0.9, 0.95)
     top_p: float = 0.95
     reflect: bool = False        # R3V: self-refine and self-select examples from the pool, and select@k at test time
+    negative_check: str|None = None  # drop kept negatives failing 'consistent' or 'faithful' (chapter 08) before training; not in the paper
     about: str = ''              # one line for the help and the report
 
     def __post_init__(self):
         if self.target not in ('rationale', 'direct'): raise ValueError(f"Method.target must be 'rationale' or 'direct', not {self.target!r}")
         if self.target == 'direct' and (self.caption or self.negatives or self.rationalize):
             raise ValueError("a 'direct' method trains on the gold option alone: no caption, negatives or rationalization")
+        if self.negative_check not in (None, 'consistent', 'faithful'):
+            raise ValueError(f"Method.negative_check must be None, 'consistent' or 'faithful', not {self.negative_check!r}")
+        if self.negative_check and not self.negatives: raise ValueError("Method.negative_check needs negatives=True")
         if self.samples < 1: raise ValueError(f"Method.samples must be at least 1, not {self.samples}")
         if self.reflect and (self.samples < 2 or self.negatives or self.rationalize):
             raise ValueError("a reflecting method (R3V) samples 2 or more replies a question and trains on no negatives or rationalizations")
@@ -65,6 +69,10 @@ METHODS = {
     'r3v': Method(negatives=False, pool=True, samples=3, reflect=True,
                   about="R3V: 3 sampled rationales a question, pooled over rounds, plus self-refine and self-select examples; select@3 at test time"),
     'stl-pool': Method(pool=True, about="STL trained each round on every question kept so far, with its newest records (not in the paper)"),
+    'stl-consistent-negatives': Method(negative_check='consistent',
+                                       about="STL training only on negatives whose caption and stated answer agree with the kept positive (not in the paper)"),
+    'stl-faithful-negatives': Method(negative_check='faithful',
+                                     about="STL training only on negatives faithful to the scene: an oracle of the embedded world (not in the paper)"),
 }
 PAPER_METHODS = ('stl', 'stl-no-caption', 'stl-no-negatives', 'stl-no-caption-no-negatives', 'zero-shot', 'direct', 'star', 'r3v')
 

@@ -10,12 +10,13 @@ from pathlib import Path
 import pandas as pd
 from matplotlib.figure import Figure
 from .config import STLConfig, RunError, round_name
-from .report import read_scores, paired_gain
-from .evaluate import load_run
+from .report import read_scores, paired_gain, mean_run
+from .evaluate import load_run, method_colours, plot_rounds
 from .loop import run_stl
 
 # %% auto #0
-__all__ = ['transfer_runs', 'transfer_gains', 'transfer_matrix', 'plot_transfer']
+__all__ = ['NEGATIVE_METHODS', 'SIGNATURES', 'transfer_runs', 'transfer_gains', 'transfer_matrix', 'plot_transfer',
+           'negative_check_runs', 'negative_check_table', 'reasoning_template', 'signatures', 'plot_signatures']
 
 # %% ../nbs/15_experiments.ipynb #a5d0ef08
 def transfer_runs(cfg:STLConfig, domains, seeds=(0,), out='runs/transfer', test_domains=None, progress:bool=False) -> dict:
@@ -70,4 +71,147 @@ def plot_transfer(matrix:pd.DataFrame, path=None, title='gain over the base (poi
     fig.colorbar(im, ax=ax, shrink=.8)
     fig.tight_layout()
     if path: Path(path).parent.mkdir(parents=True, exist_ok=True); fig.savefig(path, dpi=dpi)
+    return fig
+
+# %% ../nbs/15_experiments.ipynb #f9b76122
+from .config import read_json
+from .generate import read_records
+from .keep import keep_correct
+from .loop import Run, run_compare
+from .report import compare_dir, write_comparison
+from .negatives import audit_one, check_negatives
+
+NEGATIVE_METHODS = ('stl', 'stl-faithful-negatives', 'stl-consistent-negatives', 'stl-no-negatives')
+
+def negative_check_runs(cfg:STLConfig, seeds=(0,), out='runs/negatives', progress:bool=False) -> pd.DataFrame:
+    "Run the four `NEGATIVE_METHODS` with each seed on `cfg`'s draw (`OUT/<method>/seed_<s>/`, each resumable); the comparison."
+    return run_compare(cfg, NEGATIVE_METHODS, seeds, out, progress=progress)
+
+def _unfaithful(run_dir, rnd:int, train) -> tuple:
+    "(negatives round `rnd` trained on, how many of them the audit finds unfaithful) of a finished run."
+    run = Run(STLConfig.from_dict(read_json(Path(run_dir)/'config.json')), Path(run_dir), progress=False)
+    d, m = run.dir(rnd), run.method
+    if not m.negatives: return 0, 0
+    positives = keep_correct(read_records(d/'positives.jsonl'), train, m.strict, run.cfg.per_question)[0]
+    negatives = keep_correct(read_records(d/'negatives.jsonl'), train)[0]
+    negatives = check_negatives(negatives, positives, train, m.negative_check)
+    by_id = {s.id: s for s in train}
+    flags = [audit_one(r, by_id[r['id']]) for r in negatives]
+    bad = sum(not f['names_distractor'] or f['explanation_hallucinates'] or f.get('caption_hallucinates', False) for f in flags)
+    return len(negatives), bad
+
+def negative_check_table(out, seeds=(0,), methods=NEGATIVE_METHODS) -> pd.DataFrame:
+    "Per method and seed: last-round accuracy, its paired difference with `stl`, negatives trained on a round and the unfaithful share."
+    rows = []
+    for m in methods:
+        for s in seeds:
+            d = compare_dir(out, m, s)
+            run, base = load_run(d), compare_dir(out, 'stl', s)
+            last = run['rounds'][-1]['round']
+            train = Run(STLConfig.from_dict(read_json(d/'config.json')), d, progress=False).samples('train')
+            counts = [_unfaithful(d, r, train) for r in range(1, last + 1)]
+            n_neg, n_bad = sum(c[0] for c in counts), sum(c[1] for c in counts)
+            vs = paired_gain(read_scores(base, load_run(base)['rounds'][-1]['round']), read_scores(d, last))
+            rows.append(dict(method=m, seed=s, accuracy=100*run['rounds'][-1]['accuracy'],
+                             **{'vs stl': 100*vs['gain'], 'lo': 100*vs['lo'], 'hi': 100*vs['hi']},
+                             **{'negatives a round': n_neg / max(last, 1),
+                                'unfaithful %': 100*n_bad / n_neg if n_neg else float('nan')}))
+    return pd.DataFrame(rows)
+
+# %% ../nbs/15_experiments.ipynb #4951cc88
+from collections import Counter
+from .embedded import plain_reasoning
+from .world import WorldConfig, NUMBERS, words, plural, caption_facts, scene_facts, hallucinations
+
+def _kinds(cfg:WorldConfig) -> dict:
+    "Each scene word of the world and the kind it stands for in a template."
+    kinds = {w: 'COLOUR' for w in cfg.colours}
+    kinds |= {w: 'SHAPE' for w in (*cfg.shapes, *map(plural, cfg.shapes))}
+    kinds |= {w: 'SIZE' for w in cfg.sizes}
+    kinds |= {w: 'SLOT' for w in cfg.slot_names}
+    kinds |= {w: 'NUMBER' for w in NUMBERS}
+    return kinds
+
+def reasoning_template(text:str|None, cfg:WorldConfig=WorldConfig()) -> str:
+    "`text` with every scene word replaced by its kind (COLOUR, SHAPE, SIZE, SLOT, NUMBER): the steps without the scene."
+    kinds = _kinds(cfg)
+    return ' '.join(kinds.get(w, w) for w in words(text))
+
+# %% ../nbs/15_experiments.ipynb #0802f948
+SIGNATURES = {
+    'captions distinct': "distinct captions / test replies with a caption (formulaic captions: it falls)",
+    'captions exact': "captions that state exactly the scene's facts",
+    'captions hallucinate': "captions that state a fact the scene lacks",
+    'negatives hallucinate': "kept negatives whose caption or explanation states a fact the scene lacks",
+    'top letter': "share of the most frequent answer letter among parsed answers (collapse: it rises)",
+    'top template': "share of the most frequent reasoning template (collapse: it rises)",
+}
+
+def _share_of_top(values:list) -> float|None:
+    "The share of `values` that the most frequent one takes (None when there are none)."
+    if not values: return None
+    return Counter(values).most_common(1)[0][1] / len(values)
+
+def _reply_signatures(records:list, by_id:dict, cfg:WorldConfig) -> dict:
+    "The test-reply signatures of one round's records."
+    caps = [(r['caption'], by_id[r['id']].meta['scene']) for r in records if r.get('caption')]
+    exact = [caption_facts(c, cfg) == scene_facts(sc) for c, sc in caps]
+    invented = [bool(hallucinations(c, sc, cfg)) for c, sc in caps]
+    return {'captions distinct': len({c for c, _ in caps}) / len(caps) if caps else None,
+            'captions exact': sum(exact) / len(caps) if caps else None,
+            'captions hallucinate': sum(invented) / len(caps) if caps else None,
+            'top letter': _share_of_top([r['answer'] for r in records if r.get('answer') is not None]),
+            'top template': _share_of_top([reasoning_template(r['reasoning'], cfg) for r in records if r.get('reasoning')])}
+
+def _negative_signature(path, train) -> float|None:
+    "The share of the kept negatives in `path` whose caption or explanation invents a scene fact."
+    kept = keep_correct(read_records(path), train)[0] if path.exists() else []
+    if not kept: return None
+    by_id = {s.id: s for s in train}
+    flags = [audit_one(r, by_id[r['id']]) for r in kept]
+    return sum(f['explanation_hallucinates'] or f.get('caption_hallucinates', False) for f in flags) / len(flags)
+
+def signatures(run_dir, cfg:WorldConfig=WorldConfig()) -> pd.DataFrame:
+    "The failure signatures (`SIGNATURES`) of each finished round of an embedded-world run, and two reference rows."
+    run_dir = Path(run_dir)
+    if not (run_dir/'config.json').exists(): raise RunError(f"{run_dir} is not a run folder: it has no config.json")
+    run = Run(STLConfig.from_dict(read_json(run_dir/'config.json')), run_dir, progress=False)
+    test, train = run.samples('test'), run.samples('train')
+    by_id = {s.id: s for s in test}
+    if any('scene' not in s.meta for s in test):
+        raise RunError(f"{run_dir}: signatures need the embedded world's scenes; this run's data is {run.cfg.data!r}")
+    rows = {}
+    for rnd in range(run.n_rounds + 1):
+        if not run.done(rnd): break
+        row = _reply_signatures(read_records(run.dir(rnd)/'test.jsonl'), by_id, cfg)
+        row['negatives hallucinate'] = _negative_signature(run.dir(rnd)/'negatives.jsonl', train)
+        rows[f'round {rnd}'] = row
+    truth = [dict(id=s.id, caption=s.meta['caption'], answer=s.answer, reasoning=plain_reasoning(s.meta['reasoning']))
+             for s in test]
+    rows['gold (reference)'] = _reply_signatures(truth, by_id, cfg)
+    return pd.DataFrame(rows).T[list(SIGNATURES)].astype(float)
+
+# %% ../nbs/15_experiments.ipynb #0c142899
+def plot_signatures(runs:dict, path=None, colours=None, dpi:int=100) -> Figure:
+    "One panel per signature: its value per round for each method of `runs` ({method: [run folder, ...]}), mean and range over seeds."
+    frames = {m: [signatures(d) for d in dirs] for m, dirs in runs.items()}
+    colours = colours or method_colours(list(runs))
+    fig = Figure(figsize=(12, 6.2))
+    axes = fig.subplots(2, 3).ravel()
+    for ax, name in zip(axes, SIGNATURES):
+        for m, fs in frames.items():
+            per_seed = pd.concat([f.loc[f.index.str.startswith('round'), name] for f in fs], axis=1)
+            rounds = [int(i.split()[1]) for i in per_seed.index]
+            mean = per_seed.mean(axis=1)
+            if mean.isna().all(): continue
+            ax.plot(rounds, 100*mean, marker='o', color=colours[m], label=m)
+            ax.fill_between(rounds, 100*per_seed.min(axis=1), 100*per_seed.max(axis=1), color=colours[m], alpha=.15)
+        gold = next(iter(frames.values()))[0].loc['gold (reference)', name]
+        if not pd.isna(gold): ax.axhline(100*gold, color='grey', ls=':', lw=1, label='gold answers, true captions')
+        ax.set_title(name, fontsize=10); ax.set_xlabel('round'); ax.set_ylabel('%')
+        ax.xaxis.get_major_locator().set_params(integer=True)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc='lower center', ncol=len(labels), frameon=False)
+    fig.tight_layout(rect=(0, .06, 1, 1))
+    if path is not None: fig.savefig(path, dpi=dpi)
     return fig

@@ -16,7 +16,7 @@ from .models import load_vlm, processor_vlm
 from .train import Example, train_qlora, merge_adapter
 from .generate import GenConfig, generate, read_records, style_of
 from .keep import keep_correct, positive_examples, r3v_examples
-from .negatives import generate_round, negative_examples
+from .negatives import generate_round, negative_examples, check_negatives
 from .shared_prefix import reply_shared   # appendix 08a: the negatives' fast engine
 from .evaluate import score, round_row, load_run, percent
 from .durable import barrier, is_main, write_atomic
@@ -258,6 +258,7 @@ def kept_in(run:Run, rnd:int) -> tuple:
     positives = keep_correct(read_records(d/'positives.jsonl'), train, m.strict, run.cfg.per_question)[0]
     positives += keep_correct(read_records(d/'rationalized.jsonl'), train, per_question=run.cfg.per_question)[0]
     negatives = keep_correct(read_records(d/'negatives.jsonl'), train)[0]
+    negatives = check_negatives(negatives, positives, train, m.negative_check)
     return positives, negatives
 
 # %% ../nbs/12_loop.ipynb #6a622e89
@@ -315,7 +316,8 @@ def make_data(run:Run, rnd:int) -> list:
     star = []
     if m.rationalize:
         star = rationalize(vlm, rd.kept, train, out, run.cfg.gen, rnd, prev, run.progress, engine, run.cfg.per_question)
-    positives, negatives = rd.kept + star, rd.kept_negatives
+    positives = rd.kept + star
+    negatives = check_negatives(rd.kept_negatives, rd.kept, train, m.negative_check)   # None: all (the paper)
     if m.pool:   # the questions earlier rounds kept and this one did not keep their newest rationale
         earlier = [kept_in(run, r) for r in range(rnd - 1, 0, -1)]
         positives, negatives = pool_kept([(positives, negatives)] + earlier)

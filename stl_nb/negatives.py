@@ -15,8 +15,9 @@ from .keep import FilterReport, keep_correct, positive_examples, sample_of, inde
 from .durable import is_main, write_atomic
 
 # %% auto #0
-__all__ = ['AUDIT', 'negative_jobs', 'negative_examples', 'make_negatives', 'blamed_option', 'audit_one', 'NegativeAudit',
-           'audit_negatives', 'RoundData', 'generate_round']
+__all__ = ['AUDIT', 'NEGATIVE_CHECKS', 'negative_jobs', 'negative_examples', 'make_negatives', 'blamed_option', 'audit_one',
+           'NegativeAudit', 'audit_negatives', 'stated_answer', 'consistent_negative', 'faithful_negative',
+           'check_negatives', 'RoundData', 'generate_round']
 
 # %% ../nbs/08_negatives.ipynb #089d6e88
 def negative_jobs(kept:list, samples, n:int=1, caption:bool=True) -> list:
@@ -102,6 +103,41 @@ def audit_negatives(records:list, samples, cfg:WorldConfig=WorldConfig()) -> Neg
         a.n += 1; a.n_captions += 'caption_misses' in f
         for k, v in f.items(): a.counts[k] += v
     return a
+
+# %% ../nbs/08_negatives.ipynb #20acdab5
+def stated_answer(explanation:str|None) -> str|None:
+    "The value a negative says the answer is ('... so the answer is V, not W.'), or None when it states none."
+    found = re.findall(r'the answer is ([^,.]+?), not', str(explanation or '').lower())
+    return found[-1] if found else None
+
+def consistent_negative(r:dict, s:Sample, positive_caption:str|None) -> bool:
+    "No ground truth needed: the negative's caption is its kept positive's caption, and it states no answer but the correct one."
+    n = parse_negative(r['raw'], caption=r['kind'] == 'negative')
+    if n.caption is not None and words(n.caption) != words(positive_caption or ''): return False
+    said = stated_answer(n.explanation)
+    return said is None or words(said) == words(s.answer_text)
+
+def faithful_negative(r:dict, s:Sample, cfg:WorldConfig=WorldConfig()) -> bool:
+    "The oracle (embedded world only): the explanation blames its distractor, and nothing it or the caption says is absent from the scene."
+    if 'scene' not in s.meta: raise SampleError(s.id, 'meta', "has no scene graph: the faithful check needs the embedded world")
+    f = audit_one(r, s, cfg)
+    return f['names_distractor'] and not f['explanation_hallucinates'] and not f.get('caption_hallucinates', False)
+
+NEGATIVE_CHECKS = ('consistent', 'faithful')
+
+def check_negatives(negatives:list, positives:list, samples, how:str|None=None) -> list:
+    "The kept `negatives` that pass check `how` ('consistent' or 'faithful'; None keeps them all), in order."
+    if how is None: return list(negatives)
+    if how not in NEGATIVE_CHECKS: raise ValueError(f"unknown negative check {how!r}; one of {', '.join(NEGATIVE_CHECKS)}")
+    by_id = index_samples(samples)
+    caption_of = {}
+    for r in positives: caption_of.setdefault(r['id'], r.get('caption'))
+    keep = []
+    for r in negatives:
+        s = sample_of(by_id, r)
+        ok = faithful_negative(r, s) if how == 'faithful' else consistent_negative(r, s, caption_of.get(r['id']))
+        if ok: keep.append(r)
+    return keep
 
 # %% ../nbs/08_negatives.ipynb #18249299
 @dataclass
