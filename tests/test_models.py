@@ -202,9 +202,6 @@ def test_embedded_not_built_yet(tmp_path):
     if not (M._embedded_dir()/'config.json').exists():
         with pytest.raises(FileNotFoundError, match='not built yet'): load_vlm()
 
-def test_bad_quant():
-    with pytest.raises(ValueError, match="None or '4bit'"): load_vlm('anything', quant='8bit')
-
 def test_placement(monkeypatch):
     assert M._gpu_dtype((7, 5)) == torch.float16 and M._gpu_dtype((8, 0)) == M._gpu_dtype((9, 0)) == torch.bfloat16
     monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)

@@ -173,10 +173,6 @@ def test_the_training_form_never_contains_the_correct_answer(caption, style):
         assert train_text == negative_prompt(s, letter_index(r['wrong']), show_answer=False, caption=caption, style=style)
         assert target == written(s, letter_index(r['wrong']), caption) and img is s.image
 
-def test_negative_examples_refuse_other_kinds():
-    r = make_record(Job(WORLD[0], 'positive'), Reply('x', 1, True), PROV)
-    with pytest.raises(ValueError, match='positive_examples'): negative_examples([r], WORLD)
-
 # --------------------------------------------------------------------------- audit
 
 def test_audit_counts_what_it_says():
