@@ -9,6 +9,7 @@ from dataclasses import dataclass, asdict, replace, fields
 from pathlib import Path
 from .train import TrainConfig, embedded_train_config
 from .generate import GenConfig
+from .negatives import NEGATIVE_CHECKS   # the checks a method may run on its negatives (chapter 08)
 from .durable import write_atomic
 
 # %% auto #0
@@ -38,8 +39,8 @@ class Method:
         if self.target not in ('rationale', 'direct'): raise ValueError(f"Method.target must be 'rationale' or 'direct', not {self.target!r}")
         if self.target == 'direct' and (self.caption or self.negatives or self.rationalize):
             raise ValueError("a 'direct' method trains on the gold option alone: no caption, negatives or rationalization")
-        if self.negative_check not in (None, 'consistent', 'faithful'):
-            raise ValueError(f"Method.negative_check must be None, 'consistent' or 'faithful', not {self.negative_check!r}")
+        if self.negative_check not in (None, *NEGATIVE_CHECKS):
+            raise ValueError(f"Method.negative_check must be None or one of {NEGATIVE_CHECKS}, not {self.negative_check!r}")
         if self.negative_check and not self.negatives: raise ValueError("Method.negative_check needs negatives=True")
         if self.samples < 1: raise ValueError(f"Method.samples must be at least 1, not {self.samples}")
         if self.reflect and (self.samples < 2 or self.negatives or self.rationalize):

@@ -76,10 +76,9 @@ def plot_transfer(matrix:pd.DataFrame, path=None, title='gain over the base (poi
 # %% ../nbs/15_experiments.ipynb #f9b76122
 from .config import read_json
 from .generate import read_records
-from .keep import keep_correct
-from .loop import Run, run_compare
-from .report import compare_dir, write_comparison
-from .negatives import audit_one, check_negatives
+from .loop import Run, run_compare, kept_in
+from .report import compare_dir
+from .negatives import audit_one, faithful_negative
 
 NEGATIVE_METHODS = ('stl', 'stl-faithful-negatives', 'stl-consistent-negatives', 'stl-no-negatives')
 
@@ -87,18 +86,11 @@ def negative_check_runs(cfg:STLConfig, seeds=(0,), out='runs/negatives', progres
     "Run the four `NEGATIVE_METHODS` with each seed on `cfg`'s draw (`OUT/<method>/seed_<s>/`, each resumable); the comparison."
     return run_compare(cfg, NEGATIVE_METHODS, seeds, out, progress=progress)
 
-def _unfaithful(run_dir, rnd:int, train) -> tuple:
-    "(negatives round `rnd` trained on, how many of them the audit finds unfaithful) of a finished run."
-    run = Run(STLConfig.from_dict(read_json(Path(run_dir)/'config.json')), Path(run_dir), progress=False)
-    d, m = run.dir(rnd), run.method
-    if not m.negatives: return 0, 0
-    positives = keep_correct(read_records(d/'positives.jsonl'), train, m.strict, run.cfg.per_question)[0]
-    negatives = keep_correct(read_records(d/'negatives.jsonl'), train)[0]
-    negatives = check_negatives(negatives, positives, train, m.negative_check)
+def _unfaithful(run:Run, rnd:int, train) -> tuple:
+    "(negatives round `rnd` trained on, how many of them `faithful_negative` rejects) of a finished run."
+    negatives = kept_in(run, rnd)[1]          # as the round kept and checked them
     by_id = {s.id: s for s in train}
-    flags = [audit_one(r, by_id[r['id']]) for r in negatives]
-    bad = sum(not f['names_distractor'] or f['explanation_hallucinates'] or f.get('caption_hallucinates', False) for f in flags)
-    return len(negatives), bad
+    return len(negatives), sum(not faithful_negative(r, by_id[r['id']]) for r in negatives)
 
 def negative_check_table(out, seeds=(0,), methods=NEGATIVE_METHODS) -> pd.DataFrame:
     "Per method and seed: last-round accuracy, its paired difference with `stl`, negatives trained on a round and the unfaithful share."
@@ -108,8 +100,9 @@ def negative_check_table(out, seeds=(0,), methods=NEGATIVE_METHODS) -> pd.DataFr
             d = compare_dir(out, m, s)
             run, base = load_run(d), compare_dir(out, 'stl', s)
             last = run['rounds'][-1]['round']
-            train = Run(STLConfig.from_dict(read_json(d/'config.json')), d, progress=False).samples('train')
-            counts = [_unfaithful(d, r, train) for r in range(1, last + 1)]
+            here = Run(STLConfig.from_dict(run['config']), d, progress=False)
+            train = here.samples('train')
+            counts = [_unfaithful(here, r, train) for r in range(1, last + 1)]
             n_neg, n_bad = sum(c[0] for c in counts), sum(c[1] for c in counts)
             vs = paired_gain(read_scores(base, load_run(base)['rounds'][-1]['round']), read_scores(d, last))
             rows.append(dict(method=m, seed=s, accuracy=100*run['rounds'][-1]['accuracy'],
@@ -163,9 +156,9 @@ def _reply_signatures(records:list, by_id:dict, cfg:WorldConfig) -> dict:
             'top letter': _share_of_top([r['answer'] for r in records if r.get('answer') is not None]),
             'top template': _share_of_top([reasoning_template(r['reasoning'], cfg) for r in records if r.get('reasoning')])}
 
-def _negative_signature(path, train) -> float|None:
-    "The share of the kept negatives in `path` whose caption or explanation invents a scene fact."
-    kept = keep_correct(read_records(path), train)[0] if path.exists() else []
+def _negative_signature(run:Run, rnd:int, train) -> float|None:
+    "The share of the negatives round `rnd` trained on whose caption or explanation invents a scene fact."
+    kept = kept_in(run, rnd)[1]
     if not kept: return None
     by_id = {s.id: s for s in train}
     flags = [audit_one(r, by_id[r['id']]) for r in kept]
@@ -184,7 +177,7 @@ def signatures(run_dir, cfg:WorldConfig=WorldConfig()) -> pd.DataFrame:
     for rnd in range(run.n_rounds + 1):
         if not run.done(rnd): break
         row = _reply_signatures(read_records(run.dir(rnd)/'test.jsonl'), by_id, cfg)
-        row['negatives hallucinate'] = _negative_signature(run.dir(rnd)/'negatives.jsonl', train)
+        row['negatives hallucinate'] = _negative_signature(run, rnd, train)
         rows[f'round {rnd}'] = row
     truth = [dict(id=s.id, caption=s.meta['caption'], answer=s.answer, reasoning=plain_reasoning(s.meta['reasoning']))
              for s in test]
