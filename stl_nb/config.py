@@ -66,6 +66,8 @@ METHODS = {
     'direct': Method(caption=False, negatives=False, target='direct', about="fine-tune once on the gold answers alone"),
     'star': Method(negatives=False, rationalize=True,
                    about="STaR: rationales answered right, plus hinted second tries (rationalization) trained without the hint"),
+    'stl-star': Method(rationalize=True,
+                       about="STL plus STaR's hinted second tries of the questions it answered wrong (not in the paper)"),
     'stl-strict': Method(strict=True, about="STL whose filter also drops right letters with another option's words (not in the paper)"),
     'r3v': Method(negatives=False, pool=True, samples=3, reflect=True,
                   about="R3V: 3 sampled rationales a question, pooled over rounds, plus self-refine and self-select examples; select@3 at test time"),

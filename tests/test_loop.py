@@ -48,7 +48,7 @@ def test_config_refusals():
 
 def test_methods():
     assert set(PAPER_METHODS) == {'stl', 'stl-no-caption', 'stl-no-negatives', 'stl-no-caption-no-negatives', 'zero-shot', 'direct', 'star', 'r3v'}
-    assert set(METHODS) == set(PAPER_METHODS) | {'stl-strict', 'stl-pool', 'stl-consistent-negatives', 'stl-faithful-negatives'} and METHODS['stl-strict'].strict and METHODS['stl-pool'].pool
+    assert set(METHODS) == set(PAPER_METHODS) | {'stl-strict', 'stl-pool', 'stl-consistent-negatives', 'stl-faithful-negatives', 'stl-star'} and METHODS['stl-strict'].strict and METHODS['stl-pool'].pool
     assert METHODS['r3v'].reflect and METHODS['r3v'].samples == 3 and not METHODS['r3v'].negatives
     assert not any(METHODS[m].strict for m in PAPER_METHODS)
     assert METHODS['star'].rationalize and not METHODS['star'].negatives and METHODS['stl'].negatives
