@@ -15,8 +15,10 @@ from .evaluate import load_run, method_colours, plot_rounds
 from .loop import run_stl
 
 # %% auto #0
-__all__ = ['NEGATIVE_METHODS', 'SIGNATURES', 'transfer_runs', 'transfer_gains', 'transfer_matrix', 'plot_transfer',
-           'negative_check_runs', 'negative_check_table', 'reasoning_template', 'signatures', 'plot_signatures']
+__all__ = ['HINT_METHODS', 'NEGATIVE_METHODS', 'SIGNATURES', 'EFFICIENCY_SIZES', 'EFFICIENCY_METHODS', 'transfer_runs',
+           'transfer_gains', 'transfer_matrix', 'plot_transfer', 'hint_runs', 'rationale_truth', 'kept_truth',
+           'hint_table', 'plot_hints', 'negative_check_runs', 'negative_check_table', 'reasoning_template',
+           'signatures', 'plot_signatures', 'efficiency_dir', 'efficiency_runs', 'efficiency_table', 'plot_efficiency']
 
 # %% ../nbs/15_experiments.ipynb #a5d0ef08
 def transfer_runs(cfg:STLConfig, domains, seeds=(0,), out='runs/transfer', test_domains=None, progress:bool=False) -> dict:
@@ -73,11 +75,99 @@ def plot_transfer(matrix:pd.DataFrame, path=None, title='gain over the base (poi
     if path: Path(path).parent.mkdir(parents=True, exist_ok=True); fig.savefig(path, dpi=dpi)
     return fig
 
-# %% ../nbs/15_experiments.ipynb #f9b76122
+# %% ../nbs/15_experiments.ipynb #f6f91068
+from .data import Sample
 from .config import read_json
-from .generate import read_records
 from .loop import Run, run_compare, kept_in
 from .report import compare_dir
+from .embedded import reasoned_value, plain_reasoning
+from .world import WorldConfig, words, caption_facts, scene_facts
+
+HINT_METHODS = ('stl', 'star', 'stl-star')
+
+def hint_runs(cfg:STLConfig, seeds=(0,), out='runs/hints', progress:bool=False) -> pd.DataFrame:
+    "Run the three `HINT_METHODS` with each seed on `cfg`'s draw (`OUT/<method>/seed_<s>/`, each resumable); the comparison."
+    return run_compare(cfg, HINT_METHODS, seeds, out, progress=progress)
+
+# %% ../nbs/15_experiments.ipynb #88c625cf
+def rationale_truth(r:dict, s:Sample, cfg:WorldConfig=WorldConfig()) -> dict:
+    "Ground truth on one rationale record about world sample `s`: reaches the gold value, reasons soundly, captions exactly."
+    reasoning = r.get('reasoning') or ''
+    value = reasoned_value(reasoning)
+    sound_steps = plain_reasoning(s.meta['reasoning'])
+    return dict(reaches=value is not None and words(value) == words(s.answer_text),
+                sound=words(reasoning) == words(sound_steps),
+                caption_exact=caption_facts(r.get('caption') or '', cfg) == scene_facts(s.meta['scene']))
+
+# %% ../nbs/15_experiments.ipynb #3d20622f
+def kept_truth(run_dir) -> pd.DataFrame:
+    "One row per (round, source) of a finished embedded-world run: rationales trained on and the `rationale_truth` shares."
+    run_dir = Path(run_dir)
+    run = Run(STLConfig.from_dict(read_json(run_dir/'config.json')), run_dir, progress=False)
+    train = run.samples('train')
+    by_id = {s.id: s for s in train}
+    rows = []
+    for rnd in range(1, run.n_rounds + 1):
+        if not run.done(rnd): break
+        positives = kept_in(run, rnd)[0]
+        for source in ('positive', 'star'):
+            flags = [rationale_truth(r, by_id[r['id']]) for r in positives if r['kind'] == source]
+            row = dict(round=rnd, source=source, n=len(flags))
+            for k in ('reaches', 'sound', 'caption_exact'):
+                row[k] = sum(f[k] for f in flags) / len(flags) if flags else float('nan')
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+def _last_scores(run_dir) -> pd.DataFrame:
+    "The per-question scores of a finished run's last round."
+    return read_scores(run_dir, load_run(run_dir)['rounds'][-1]['round'])
+
+def hint_table(out, seeds=(0,), methods=HINT_METHODS, base:str='stl') -> pd.DataFrame:
+    "Per method, seed and domain ('all' too): last-round accuracy and its paired difference with `base` (points)."
+    rows = []
+    for m in methods:
+        for s in seeds:
+            mine, theirs = _last_scores(compare_dir(out, m, s)), _last_scores(compare_dir(out, base, s))
+            for d in ['all'] + sorted(set(mine['domain'])):
+                a = mine if d == 'all' else _by_domain(mine, d)
+                b = theirs.loc[a.index]
+                g = paired_gain(b, a)
+                rows.append(dict(method=m, seed=s, domain=d, n=g['n'], accuracy=100*a['status'].eq('correct').mean(),
+                                 **{f'vs {base}': 100*g['gain'], 'lo': 100*g['lo'], 'hi': 100*g['hi']}))
+    return pd.DataFrame(rows)
+
+# %% ../nbs/15_experiments.ipynb #65e5ab01
+def plot_hints(table:pd.DataFrame, truth:pd.DataFrame, path=None, base:str='stl', colours=None, dpi:int=100) -> Figure:
+    """Left: each method's last-round difference from `base` per domain (bars: the mean; dots: the seeds).
+    Right: the share of trained-on rationales whose steps are the world's own, per round, by method and source."""
+    methods = [m for m in dict.fromkeys(table['method']) if m != base]
+    colours = colours or method_colours([base, *methods])
+    fig = Figure(figsize=(11, 3.8)); left, right = fig.subplots(1, 2)
+    domains = list(dict.fromkeys(table['domain']))
+    width = .8 / max(1, len(methods))
+    for i, m in enumerate(methods):
+        t = table[table['method'] == m]
+        xs = [j + (i - (len(methods) - 1)/2)*width for j in range(len(domains))]
+        means = [t.loc[t['domain'] == d, f'vs {base}'].mean() for d in domains]
+        left.bar(xs, means, width*.9, color=colours[m], alpha=.6, label=m)
+        for x, d in zip(xs, domains):
+            seeds = t.loc[t['domain'] == d, f'vs {base}']
+            left.plot([x]*len(seeds), seeds, 'o', color=colours[m], ms=3)
+    left.axhline(0, color='grey', lw=.8)
+    left.set_xticks(range(len(domains)), domains)
+    left.set_ylabel(f'last round minus {base} (points)'); left.legend(fontsize=8, frameon=False)
+    for (m, source), t in truth.groupby(['method', 'source'], sort=False):
+        per_round = t.groupby('round')['sound'].mean()
+        style = '-' if source == 'positive' else '--'
+        right.plot(per_round.index, 100*per_round, style, marker='o', color=colours[m], label=f'{m}: {source}')
+    right.set_xlabel('round'); right.set_ylabel("rationales with the world's steps (%)")
+    right.set_xticks(sorted(set(truth['round']))); right.legend(fontsize=8, frameon=False)
+    fig.tight_layout()
+    if path: Path(path).parent.mkdir(parents=True, exist_ok=True); fig.savefig(path, dpi=dpi)
+    return fig
+
+# %% ../nbs/15_experiments.ipynb #f9b76122
+from .generate import read_records
 from .negatives import audit_one, faithful_negative
 
 NEGATIVE_METHODS = ('stl', 'stl-faithful-negatives', 'stl-consistent-negatives', 'stl-no-negatives')
@@ -113,8 +203,7 @@ def negative_check_table(out, seeds=(0,), methods=NEGATIVE_METHODS) -> pd.DataFr
 
 # %% ../nbs/15_experiments.ipynb #4951cc88
 from collections import Counter
-from .embedded import plain_reasoning
-from .world import WorldConfig, NUMBERS, words, plural, caption_facts, scene_facts, hallucinations
+from .world import NUMBERS, plural, hallucinations
 
 def _kinds(cfg:WorldConfig) -> dict:
     "Each scene word of the world and the kind it stands for in a template."
@@ -207,4 +296,51 @@ def plot_signatures(runs:dict, path=None, colours=None, dpi:int=100) -> Figure:
     fig.legend(handles, labels, loc='lower center', ncol=len(labels), frameon=False)
     fig.tight_layout(rect=(0, .06, 1, 1))
     if path is not None: fig.savefig(path, dpi=dpi)
+    return fig
+
+# %% ../nbs/15_experiments.ipynb #01b32987
+EFFICIENCY_SIZES = (250, 500, 1000, 2000)
+EFFICIENCY_METHODS = ('stl', 'star', 'direct')
+
+def efficiency_dir(out, size:int) -> Path: return Path(out)/f'n_{size}'
+
+def efficiency_runs(cfg:STLConfig, sizes=EFFICIENCY_SIZES, seeds=(0,), out='runs/efficiency',
+                    methods=EFFICIENCY_METHODS, progress:bool=False) -> pd.DataFrame:
+    "`run_compare` of `methods` for each training-set size (`cfg.limit`), in `OUT/n_<size>/`; `efficiency_table` of them."
+    for n in sizes:
+        run_compare(replace(cfg, limit=n), methods, seeds, efficiency_dir(out, n), progress=progress)
+    return efficiency_table(out, sizes, seeds, methods)
+
+def efficiency_table(out, sizes=EFFICIENCY_SIZES, seeds=(0,), methods=EFFICIENCY_METHODS) -> pd.DataFrame:
+    "Per method, size and seed: round 0 and last-round accuracy and the paired gain over round 0 (points)."
+    rows = []
+    for m in methods:
+        for n in sizes:
+            for s in seeds:
+                d = compare_dir(efficiency_dir(out, n), m, s)
+                before, after = read_scores(d, 0), _last_scores(d)
+                g = paired_gain(before, after)
+                rows.append(dict(method=m, n=n, seed=s, round_0=100*before['status'].eq('correct').mean(),
+                                 last=100*after['status'].eq('correct').mean(),
+                                 gain=100*g['gain'], lo=100*g['lo'], hi=100*g['hi']))
+    return pd.DataFrame(rows)
+
+# %% ../nbs/15_experiments.ipynb #5471d5f9
+def plot_efficiency(table:pd.DataFrame, path=None, colours=None, dpi:int=100) -> Figure:
+    "Last-round accuracy against training questions, one line per method (mean over seeds, the seeds' range shaded)."
+    colours = colours or method_colours(list(dict.fromkeys(table['method'])))
+    fig = Figure(figsize=(5.6, 3.6)); ax = fig.subplots()
+    for m, t in table.groupby('method', sort=False):
+        by_n = t.groupby('n')['last']
+        ax.plot(by_n.mean().index, by_n.mean(), marker='o', color=colours[m], label=m)
+        ax.fill_between(by_n.mean().index, by_n.min(), by_n.max(), color=colours[m], alpha=.15, lw=0)
+    first = table[table['method'] == table['method'].iloc[0]]   # its round 0: the base with that method's prompt
+    ax.axhline(first['round_0'].mean(), color='grey', ls=':', label=f"base ({first['method'].iloc[0]}'s prompt)")
+    ax.set_xscale('log', base=2)
+    sizes = sorted(set(table['n']))
+    ax.set_xticks(sizes, [str(n) for n in sizes])
+    ax.set_xlabel('training questions'); ax.set_ylabel('test accuracy, last round (%)')
+    ax.legend(fontsize=8, frameon=False)
+    fig.tight_layout()
+    if path: Path(path).parent.mkdir(parents=True, exist_ok=True); fig.savefig(path, dpi=dpi)
     return fig
