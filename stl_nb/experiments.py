@@ -100,22 +100,30 @@ def rationale_truth(r:dict, s:Sample, cfg:WorldConfig=WorldConfig()) -> dict:
                 caption_exact=caption_facts(r.get('caption') or '', cfg) == scene_facts(s.meta['scene']))
 
 # %% ../nbs/15_experiments.ipynb #3d20622f
-def kept_truth(run_dir) -> pd.DataFrame:
-    "One row per (round, source) of a finished embedded-world run: rationales trained on and the `rationale_truth` shares."
+def _truth_row(flags:list, **keys) -> dict:
+    "How many rationales `flags` describes, and the share of them raising each `rationale_truth` flag."
+    row = dict(keys, n=len(flags))
+    for k in ('reaches', 'sound', 'caption_exact'):
+        row[k] = sum(f[k] for f in flags) / len(flags) if flags else float('nan')
+    return row
+
+def kept_truth(run_dir, by_domain:bool=False) -> pd.DataFrame:
+    "One row per (round, source[, domain]) of a finished embedded-world run: rationales trained on, `rationale_truth` shares."
     run_dir = Path(run_dir)
     run = Run(STLConfig.from_dict(read_json(run_dir/'config.json')), run_dir, progress=False)
     train = run.samples('train')
     by_id = {s.id: s for s in train}
+    domains = sorted({s.domain for s in train}) if by_domain else [None]
     rows = []
     for rnd in range(1, run.n_rounds + 1):
         if not run.done(rnd): break
         positives = kept_in(run, rnd)[0]
         for source in ('positive', 'star'):
-            flags = [rationale_truth(r, by_id[r['id']]) for r in positives if r['kind'] == source]
-            row = dict(round=rnd, source=source, n=len(flags))
-            for k in ('reaches', 'sound', 'caption_exact'):
-                row[k] = sum(f[k] for f in flags) / len(flags) if flags else float('nan')
-            rows.append(row)
+            for d in domains:
+                mine = [r for r in positives if r['kind'] == source and d in (None, by_id[r['id']].domain)]
+                flags = [rationale_truth(r, by_id[r['id']]) for r in mine]
+                keys = dict(round=rnd, source=source) | ({} if d is None else dict(domain=d))
+                rows.append(_truth_row(flags, **keys))
     return pd.DataFrame(rows)
 
 def _last_scores(run_dir) -> pd.DataFrame:
