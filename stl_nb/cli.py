@@ -55,7 +55,8 @@ def config_flags(parser, skip=()):
     "Add to `parser` a flag for every field of `STLConfig`, the nested configs' as `--train.lr`, but those in `skip`."
     groups = {None: parser.add_argument_group('the run (STLConfig)')}
     docs = {None: docments(STLConfig)} | {k: docments(c) for k, c in SUBCONFIGS.items()}
-    for sub, cls in SUBCONFIGS.items(): groups[sub] = parser.add_argument_group(f"{sub}: {docs[None][sub]} ({cls.__name__})")
+    for sub, cls in SUBCONFIGS.items():
+        groups[sub] = parser.add_argument_group(f"{sub}: {docs[None][sub]} ({cls.__name__})")
     todo = [(None, f) for f in fields(STLConfig) if f.name not in SUBCONFIGS]
     todo += [(sub, f) for sub, cls in SUBCONFIGS.items() for f in fields(cls) if f.name != 'seed']   # seed: --seed
     for sub, f in todo:

@@ -26,25 +26,32 @@ class Method:
     rationalize: bool = False    # STaR: questions answered wrong get a second try with the gold answer as a hint
     target: str = 'rationale'    # 'rationale' (self-generated) or 'direct' (the gold option alone, nothing generated)
     trains: bool = True          # False: round 0 only (the base model, zero-shot)
-    strict: bool = False         # keep only rationales whose conclusion words match their letter (chapter 07; not in the paper)
-    pool: bool = False           # train on earlier rounds' replies too: each question's newest kept records (STL), or all samples (R3V)
+    # keep only rationales whose conclusion words match their letter (chapter 07; not in the paper)
+    strict: bool = False
+    # train on earlier rounds' replies too: each question's newest kept records (STL), or all samples (R3V)
+    pool: bool = False
     samples: int = 1             # replies sampled per question, for training and for test-time selection (R3V: 3)
     temperature: float = 0.9     # ... their sampling temperature and top_p when `samples` > 1 (R3V's code: 0.9, 0.95)
     top_p: float = 0.95
     reflect: bool = False        # R3V: self-refine and self-select examples from the pool, and select@k at test time
-    negative_check: str|None = None  # drop kept negatives failing 'consistent' or 'faithful' (chapter 08) before training; not in the paper
+    # drop kept negatives failing 'consistent' or 'faithful' (chapter 08) before training; not in the paper
+    negative_check: str|None = None
     about: str = ''              # one line for the help and the report
 
     def __post_init__(self):
-        if self.target not in ('rationale', 'direct'): raise ValueError(f"Method.target must be 'rationale' or 'direct', not {self.target!r}")
+        if self.target not in ('rationale', 'direct'):
+            raise ValueError(f"Method.target must be 'rationale' or 'direct', not {self.target!r}")
         if self.target == 'direct' and (self.caption or self.negatives or self.rationalize):
-            raise ValueError("a 'direct' method trains on the gold option alone: no caption, negatives or rationalization")
+            raise ValueError("a 'direct' method trains on the gold option alone: no caption, "
+                             "negatives or rationalization")
         if self.negative_check not in (None, *NEGATIVE_CHECKS):
-            raise ValueError(f"Method.negative_check must be None or one of {NEGATIVE_CHECKS}, not {self.negative_check!r}")
+            raise ValueError(f"Method.negative_check must be None or one of {NEGATIVE_CHECKS}, "
+                             f"not {self.negative_check!r}")
         if self.negative_check and not self.negatives: raise ValueError("Method.negative_check needs negatives=True")
         if self.samples < 1: raise ValueError(f"Method.samples must be at least 1, not {self.samples}")
         if self.reflect and (self.samples < 2 or self.negatives or self.rationalize):
-            raise ValueError("a reflecting method (R3V) samples 2 or more replies a question and trains on no negatives or rationalizations")
+            raise ValueError("a reflecting method (R3V) samples 2 or more replies a question and trains on no "
+                             "negatives or rationalizations")
 
     @property
     def kind(self) -> str:
@@ -53,42 +60,57 @@ class Method:
 
     @property
     def max_rounds(self) -> int|None:
-        "The most rounds that mean something: 0 without training, 1 when the data never changes (direct), else no limit."
+        """The most rounds that mean something: 0 without training, 1 when the data never changes (direct), else no
+        limit."""
         return 0 if not self.trains else 1 if self.target == 'direct' else None
 
 # %% ../nbs/10_config.ipynb #bee9110f
 METHODS = {
-    'stl': Method(about="See-Think-Learn: caption-first rationales of the questions answered right, plus negative rationales"),
+    'stl': Method(about="See-Think-Learn: caption-first rationales of the questions answered right, "
+                        "plus negative rationales"),
     'stl-no-caption': Method(caption=False, about="STL without the CAPTION section (ablation)"),
     'stl-no-negatives': Method(negatives=False, about="STL without negative rationales (ablation)"),
-    'stl-no-caption-no-negatives': Method(caption=False, negatives=False, about="STL without caption or negatives (ablation)"),
+    'stl-no-caption-no-negatives': Method(caption=False, negatives=False,
+                                          about="STL without caption or negatives (ablation)"),
     'zero-shot': Method(negatives=False, trains=False, about="the base model with the structured prompt, no training"),
     'direct': Method(caption=False, negatives=False, target='direct', about="fine-tune once on the gold answers alone"),
     'star': Method(negatives=False, rationalize=True,
-                   about="STaR: rationales answered right, plus hinted second tries (rationalization) trained without the hint"),
+                   about="STaR: rationales answered right, plus hinted second tries (rationalization) trained without "
+                         "the hint"),
     'stl-star': Method(rationalize=True,
-                       about="STL plus STaR's hinted second tries of the questions it answered wrong (not in the paper)"),
-    'stl-strict': Method(strict=True, about="STL whose filter also drops right letters with another option's words (not in the paper)"),
+                       about="STL plus STaR's hinted second tries of the questions answered wrong (not in the paper)"),
+    'stl-strict': Method(strict=True,
+                         about="STL whose filter also drops right letters with another option's words (not in the "
+                               "paper)"),
     'r3v': Method(negatives=False, pool=True, samples=3, reflect=True,
-                  about="R3V: 3 sampled rationales a question, pooled over rounds, plus self-refine and self-select examples; select@3 at test time"),
-    'stl-pool': Method(pool=True, about="STL trained each round on every question kept so far, with its newest records (not in the paper)"),
+                  about="R3V: 3 sampled rationales a question, pooled over rounds, "
+                        "plus self-refine and self-select examples; select@3 at test time"),
+    'stl-pool': Method(pool=True,
+                       about="STL trained each round on every question kept so far, "
+                             "with its newest records (not in the paper)"),
     'stl-consistent-negatives': Method(negative_check='consistent',
-                                       about="STL training only on negatives whose caption and stated answer agree with the kept positive (not in the paper)"),
+                          about="STL training only on negatives whose caption and stated answer agree with the kept "
+                                "positive (not in the paper)"),
     'stl-faithful-negatives': Method(negative_check='faithful',
-                                     about="STL training only on negatives faithful to the scene: an oracle of the embedded world (not in the paper)"),
+                          about="STL training only on negatives faithful to the scene: "
+                                "an oracle of the embedded world (not in the paper)"),
 }
-PAPER_METHODS = ('stl', 'stl-no-caption', 'stl-no-negatives', 'stl-no-caption-no-negatives', 'zero-shot', 'direct', 'star', 'r3v')
+PAPER_METHODS = ('stl', 'stl-no-caption', 'stl-no-negatives', 'stl-no-caption-no-negatives', 'zero-shot', 'direct',
+                 'star', 'r3v')
 
 # %% ../nbs/10_config.ipynb #82e64fa7
 class RunError(ValueError):
-    "A run that cannot start as asked (unknown name, impossible combination, another run in the folder): one clear line."
+    """A run that cannot start as asked (unknown name, impossible combination, another run in the folder): one clear
+    line."""
 
 SUBCONFIGS = {'train': TrainConfig, 'gen': GenConfig, 'eval_gen': GenConfig}   # the nested configs, by field
 
 @dataclass(frozen=True)
 class STLConfig:
-    "Everything that decides what a run computes; saved as `OUT/config.json`, and a rerun in the same folder must match it."
-    model: str = 'embedded'           # 'embedded' (the shipped tiny VLM), a hub id (Qwen/Qwen2.5-VL-7B-Instruct) or a folder
+    """Everything that decides what a run computes; saved as `OUT/config.json`, and a rerun in the same folder must
+    match it."""
+    # 'embedded' (the shipped tiny VLM), a hub id (Qwen/Qwen2.5-VL-7B-Instruct) or a folder
+    model: str = 'embedded'
     data: str = 'embedded'            # 'embedded' (the world), 'm3cot', 'scienceqa', or a folder with train/ and test/
     method: str = 'stl'               # a key of `METHODS`
     rounds: int = 3                   # self-training rounds after round 0 (the base model)
@@ -96,15 +118,20 @@ class STLConfig:
     test_limit: int|None = None       # test questions (None: all; the world: 500)
     domains: tuple = ()               # keep only these domains (M3CoT: the paper trains one model per domain); () all
     test_domains: tuple = ()          # test on these domains instead (cross-domain transfer); () the same as `domains`
-    data_seed: int = 1                # which questions: the world's draw, or the shuffle before `limit` on a real data set
-    seed: int = 0                     # seeds LoRA's initialisation, the batch order and sampling (written into train, gen, eval_gen)
+    # which questions: the world's draw, or the shuffle before `limit` on a real data set
+    data_seed: int = 1
+    # seeds LoRA's initialisation, the batch order and sampling (written into train, gen, eval_gen)
+    seed: int = 0
     quant: str|None = None            # '4bit' (QLoRA, needs bitsandbytes) or None (full precision)
     train: TrainConfig = TrainConfig()   # LoRA and optimizer settings of each round's fine-tuning
     gen: GenConfig = GenConfig()         # decoding of the rationales on the training questions (negatives: `neg_gen`)
     eval_gen: GenConfig = GenConfig()    # decoding of the answers to the test questions (greedy)
-    per_question: int|None = None     # rationales kept per question when `gen.n` samples several: the first right ones (None: all)
-    neg_temperature: float|None = None  # decoding temperature of the negatives, one reply per wrong option (None: `gen`'s)
-    backend: str = 'hf'               # the generation engine: 'hf' (transformers, chapter 06) or 'vllm' (chapter 06a; GPU)
+    # rationales kept per question when `gen.n` samples several: the first right ones (None: all)
+    per_question: int|None = None
+    # decoding temperature of the negatives, one reply per wrong option (None: `gen`'s)
+    neg_temperature: float|None = None
+    # the generation engine: 'hf' (transformers, chapter 06) or 'vllm' (chapter 06a; GPU)
+    backend: str = 'hf'
     out: str = 'runs/stl'             # the run's folder; the same run in the same folder resumes
 
     def __post_init__(self):
@@ -116,7 +143,8 @@ class STLConfig:
         if self.backend not in ('hf', 'vllm'): raise RunError(f"backend must be 'hf' or 'vllm', not {self.backend!r}")
         if self.rounds < 0: raise RunError(f"rounds must be 0 or more, not {self.rounds}")
         for k in ('limit', 'test_limit', 'per_question'):
-            if getattr(self, k) is not None and getattr(self, k) < 1: raise RunError(f"{k} must be at least 1 (or None for all)")
+            if getattr(self, k) is not None and getattr(self, k) < 1:
+                raise RunError(f"{k} must be at least 1 (or None for all)")
         if self.neg_temperature is not None and self.neg_temperature < 0:
             raise RunError(f"neg_temperature must be 0 (greedy) or more, not {self.neg_temperature}")
 
@@ -136,7 +164,8 @@ class STLConfig:
         known = {f.name for f in fields(cls)}
         if bad := sorted(set(d) - known): raise RunError(f"unknown config fields {bad}")
         sub = {k: _from_dict(SUBCONFIGS[k], d[k]) for k in SUBCONFIGS if k in d}
-        return cls(**{**d, **sub, 'domains': tuple(d.get('domains', ())), 'test_domains': tuple(d.get('test_domains', ()))})
+        return cls(**{**d, **sub, 'domains': tuple(d.get('domains', ())),
+                      'test_domains': tuple(d.get('test_domains', ()))})
 
 def _from_dict(cls, d:dict):
     "A `TrainConfig` or `GenConfig` from its dict, its tuple fields as tuples."
@@ -144,14 +173,20 @@ def _from_dict(cls, d:dict):
 
 # %% ../nbs/10_config.ipynb #248155e1
 def embedded_config(**kw) -> STLConfig:
-    "The default of `stl_run`: STL on the embedded world with the shipped model, sized for about 10 minutes on 2 CPU cores."
+    """The default of `stl_run`: STL on the embedded world with the shipped model, sized for about 10 minutes on 2 CPU
+    cores."""
     return replace(STLConfig(
-        limit=1000,                   # measured on 2 cores: a round (generate, negatives, train on ~2400 examples, test) takes ~1.7 min
-        test_limit=500,               # ~25 s per round; a paired difference of two rounds is then known to about ±3 points
-        rounds=3,                     # three hand-overs from one round's model to the next: ~5.5 min in all, with round 0
+        # measured on 2 cores: a round (generate, negatives, train on ~2400 examples, test) takes ~1.7 min
+        limit=1000,
+        # ~25 s per round; a paired difference of two rounds is then known to about ±3 points
+        test_limit=500,
+        # three hand-overs from one round's model to the next: ~5.5 min in all, with round 0
+        rounds=3,
         train=embedded_train_config(),   # chapter 05's preset for a 1M-parameter model (higher lr, rank 16, batch 16)
-        gen=GenConfig(max_new_tokens=192, batch_size=64),       # its replies average ~65 tokens; 192 bounds a looping one
-        eval_gen=GenConfig(max_new_tokens=192, batch_size=64),  # greedy, the same length; 64 prompts per batch keep the cores busy
+        # its replies average ~65 tokens; 192 bounds a looping one
+        gen=GenConfig(max_new_tokens=192, batch_size=64),
+        # greedy, the same length; 64 prompts per batch keep the cores busy
+        eval_gen=GenConfig(max_new_tokens=192, batch_size=64),
     ), **kw)
 
 def real_config(model:str='Qwen/Qwen2.5-VL-7B-Instruct', data:str='m3cot', **kw) -> STLConfig:
@@ -160,8 +195,10 @@ def real_config(model:str='Qwen/Qwen2.5-VL-7B-Instruct', data:str='m3cot', **kw)
         model=model, data=data,
         rounds=3,                     # the authors' README runs 5; 3 already shows the trend at ~1/2 the cost
         quant='4bit',                 # QLoRA: 7B in ~5 GB (the paper trained 16-bit on a 48 GB A6000)
-        train=TrainConfig(),          # LoRA r128/alpha256, lr 2e-4, 1 epoch, batch 1 x 16 accumulated, cosine, 3% warmup
-        gen=GenConfig(max_new_tokens=1024, temperature=0.2, batch_size=8),  # the authors' decoding: LLaVA's T=0.2, 1 sample
+        # LoRA r128/alpha256, lr 2e-4, 1 epoch, batch 1 x 16 accumulated, cosine, 3% warmup
+        train=TrainConfig(),
+        # the authors' decoding: LLaVA's T=0.2, 1 sample
+        gen=GenConfig(max_new_tokens=1024, temperature=0.2, batch_size=8),
         eval_gen=GenConfig(max_new_tokens=1024, batch_size=8),              # test answers: greedy
     ), **kw)
 
@@ -194,12 +231,14 @@ def _flat(d:dict, pre='') -> dict:
     return flat
 
 def config_diff(old:dict, new:dict) -> list:
-    "The fields (dotted) whose values differ between two config dicts, as 'field: old -> new', `out` and `rounds` aside."
+    """The fields (dotted) whose values differ between two config dicts, as 'field: old -> new', `out` and `rounds`
+    aside."""
     a, b = _flat(old), _flat(new)
     keys = [k for k in sorted(set(a) | set(b)) if k.split('.')[0] not in _FREE and a.get(k) != b.get(k)]
     return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in keys]
 
 def filled(d:dict) -> dict:
-    "A saved config with the fields added to `STLConfig` since it was written at their defaults (as is, if it cannot be read)."
+    """A saved config with the fields added to `STLConfig` since it was written at their defaults (as is, if it cannot
+    be read)."""
     try: return STLConfig.from_dict(d).to_dict()
     except (RunError, TypeError, ValueError): return d

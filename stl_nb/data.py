@@ -71,7 +71,8 @@ def _text(v, rid, fld:str, required=False) -> str:
     "`v` as stripped text: bytes decoded as UTF-8; `None`/NaN is '' (or an error when `required`)."
     if isinstance(v, (bytes, bytearray, memoryview)):
         try: v = bytes(v).decode('utf-8')
-        except UnicodeDecodeError as e: raise SampleError(rid, fld, f"not valid UTF-8 ({e.reason} at byte {e.start})") from None
+        except UnicodeDecodeError as e:
+            raise SampleError(rid, fld, f"not valid UTF-8 ({e.reason} at byte {e.start})") from None
     if _missing(v):
         if required: raise SampleError(rid, fld, "missing")
         return ''
@@ -98,10 +99,12 @@ def _choices(v, rid) -> list:
         raise SampleError(rid, 'choices', f"expected a list of option texts, got {type(v).__name__}")
     cs = [_choice(c, rid, i) for i, c in enumerate(v)]
     if len(cs) < 2: raise SampleError(rid, 'choices', f"needs at least 2 choices, got {len(cs)}")
-    if len(cs) > len(LETTERS): raise SampleError(rid, 'choices', f"{len(cs)} choices, more than the {len(LETTERS)} option letters")
+    if len(cs) > len(LETTERS):
+        raise SampleError(rid, 'choices', f"{len(cs)} choices, more than the {len(LETTERS)} option letters")
     seen = {}
     for i, c in enumerate(cs):
-        if c in seen: raise SampleError(rid, 'choices', f"options {_name(seen[c])} and {_name(i)} are the same text {c!r}")
+        if c in seen:
+            raise SampleError(rid, 'choices', f"options {_name(seen[c])} and {_name(i)} are the same text {c!r}")
         seen[c] = i
     return cs
 
@@ -128,7 +131,9 @@ def parse_answer(value, choices:list, answer_as:str='auto', record_id=None) -> i
     if answer_as in ('auto', 'index') and isinstance(value, float):
         if value.is_integer(): return int(value)
         raise err(f"{value!r} is not a whole-number choice index")
-    if not isinstance(value, str): raise err(f"expected {'a choice index, letter or text' if answer_as == 'auto' else 'the ' + answer_as}, got {type(value).__name__} {value!r}")
+    if not isinstance(value, str):
+        raise err(f"expected {'a choice index, letter or text' if answer_as == 'auto' else 'the ' + answer_as}, "
+                  f"got {type(value).__name__} {value!r}")
     t = value.strip()
     if answer_as == 'index':
         if re.fullmatch(r"[+-]?\d+", t): return int(t)
@@ -142,10 +147,12 @@ def parse_answer(value, choices:list, answer_as:str='auto', record_id=None) -> i
         if ti is None: raise err(f"{value!r} is not the text of any choice")
         return ti
     if li is not None and ti is not None and li != ti:
-        raise err(f"{value!r} is ambiguous: as a letter it is option {_name(li)}, as a text option {_name(ti)}; pass answer_as")
+        raise err(f"{value!r} is ambiguous: as a letter it is option {_name(li)}, as a text option {_name(ti)}; "
+                  "pass answer_as")
     if li is not None: return li
     if ti is not None: return ti
-    raise err(f"{value!r} is neither an option letter nor the text of a choice" + ("; pass answer_as='index' if it is an index" if t.isdigit() else ''))
+    raise err(f"{value!r} is neither an option letter nor the text of a choice"
+              + ("; pass answer_as='index' if it is an index" if t.isdigit() else ''))
 
 # %% ../nbs/00_data.ipynb #445553aa
 MAX_ASPECT = 200   # Qwen2.5-VL's smart_resize refuses aspect ratios above this
@@ -157,22 +164,28 @@ def _read_file(value, base_dir, err) -> bytes:
     for f in tries:
         try: return f.read_bytes()
         except FileNotFoundError: continue
-        except (OSError, ValueError) as e: raise err(f"cannot read image file {str(f)!r} ({type(e).__name__}: {e})") from None
-    raise err(f"image file {str(p)!r} not found" + (f" (looked under {str(base_dir)!r} and the working directory)" if base_dir is not None else ''))
+        except (OSError, ValueError) as e:
+            raise err(f"cannot read image file {str(f)!r} ({type(e).__name__}: {e})") from None
+    raise err(f"image file {str(p)!r} not found"
+              + (f" (looked under {str(base_dir)!r} and the working directory)" if base_dir is not None else ''))
 
 # %% ../nbs/00_data.ipynb #14e081d8
 def read_image(value, base_dir=None, record_id=None) -> Image.Image:
-    "Decode an image given as PIL, `{'bytes','path'}` (as `datasets` gives), raw bytes or a file path (relative to `base_dir`)."
+    """Decode an image given as PIL, `{'bytes','path'}` (as `datasets` gives), raw bytes or a file path (relative to
+    `base_dir`)."""
     err = lambda m: SampleError(record_id, 'image', m)
     if isinstance(value, Mapping): value = value.get('bytes') or value.get('path')   # bytes win when both are there
-    if _missing(value) or (isinstance(value, (str, bytes, bytearray, memoryview)) and len(value) == 0): raise err("missing")
+    if _missing(value) or (isinstance(value, (str, bytes, bytearray, memoryview)) and len(value) == 0):
+        raise err("missing")
     if isinstance(value, (str, os.PathLike)): value = _read_file(value, base_dir, err)
     try:
         if isinstance(value, Image.Image): im = value
         elif isinstance(value, (bytes, bytearray, memoryview)): im = Image.open(io.BytesIO(bytes(value)))
-        else: raise err(f"expected a PIL image, bytes, a path or a {{'bytes', 'path'}} dict, got {type(value).__name__}")
+        else:
+            raise err(f"expected a PIL image, bytes, a path or a {{'bytes', 'path'}} dict, got {type(value).__name__}")
         im.load()
-        if im.getexif().get(ExifTags.Base.Orientation) is not None: im = ImageOps.exif_transpose(im)   # as datasets' decoding does
+        # as datasets' decoding does
+        if im.getexif().get(ExifTags.Base.Orientation) is not None: im = ImageOps.exif_transpose(im)
     except SampleError: raise
     except Image.UnidentifiedImageError: raise err("cannot decode the image (not in a format PIL recognises)") from None
     except Exception as e: raise err(f"cannot decode the image ({type(e).__name__}: {e})") from None
@@ -194,12 +207,14 @@ def _to_rgb(im:Image.Image) -> Image.Image:
 
 # %% ../nbs/00_data.ipynb #d71bb563
 def fit_image(im:Image.Image, max_side:int=2048, min_side:int=28, record_id=None) -> Image.Image:
-    "`im` as RGB (transparency on white), longest side at most `max_side`, shortest raised to `min_side` where `max_side` allows."
+    """`im` as RGB (transparency on white), longest side at most `max_side`, shortest raised to `min_side` where
+    `max_side` allows."""
     err = lambda m: SampleError(record_id, 'image', m)
     if not 1 <= min_side <= max_side: raise ValueError(f"need 1 <= min_side <= max_side, got {min_side}, {max_side}")
     (w, h), mode = im.size, im.mode
     if w <= 0 or h <= 0: raise err(f"image is empty ({w}x{h} pixels)")
-    if max(w, h) / min(w, h) > MAX_ASPECT: raise err(f"aspect ratio {max(w, h)/min(w, h):.0f}:1 ({w}x{h}) is beyond {MAX_ASPECT}:1")
+    if max(w, h) / min(w, h) > MAX_ASPECT:
+        raise err(f"aspect ratio {max(w, h)/min(w, h):.0f}:1 ({w}x{h}) is beyond {MAX_ASPECT}:1")
     try: im = _to_rgb(im)
     except Exception as e: raise err(f"cannot convert mode {mode} to RGB ({type(e).__name__}: {e})") from None
     scale = (max_side / max(w, h) if max(w, h) > max_side else
@@ -219,13 +234,15 @@ def _id(v) -> str:
 
 # %% ../nbs/00_data.ipynb #cec1d15c
 def check_sample(s:Sample, max_side:int=2048, min_side:int=28, answer_as:str='index', base_dir=None) -> Sample:
-    "`s` validated and normalised (texts stripped, answer an index in range, RGB image within size limits), else `SampleError`."
+    """`s` validated and normalised (texts stripped, answer an index in range, RGB image within size limits), else
+    `SampleError`."""
     rid = _id(s.id)
     question = _text(s.question, rid, 'question', required=True)
     choices = _choices(s.choices, rid)
     answer = parse_answer(s.answer, choices, answer_as, rid)
     if not 0 <= answer < len(choices):
-        raise SampleError(rid, 'answer', f"{s.answer!r} is out of range for {len(choices)} choices (A..{letter(len(choices) - 1)})")
+        raise SampleError(rid, 'answer',
+                          f"{s.answer!r} is out of range for {len(choices)} choices (A..{letter(len(choices) - 1)})")
     texts = {f: _text(getattr(s, f), rid, f) for f in _TEXT_FIELDS}
     meta = {} if s.meta is None else s.meta
     if not isinstance(meta, Mapping): raise SampleError(rid, 'meta', f"expected a dict, got {type(meta).__name__}")
@@ -246,7 +263,8 @@ class Samples(list):
     def n_records(self) -> int: return len(self) + len(self.rejected) + len(self.filtered)
 
     def __repr__(self):
-        return f"Samples({self.source!r}: {len(self)} kept, {len(self.rejected)} rejected, {len(self.filtered)} filtered)"
+        return (f"Samples({self.source!r}: {len(self)} kept, {len(self.rejected)} rejected, "
+                f"{len(self.filtered)} filtered)")
 
 # %% ../nbs/00_data.ipynb #ea9fcdcb
 def _counts(c:Counter) -> str: return ', '.join(f"{k or '(none)'} {n}" for k, n in c.most_common())
@@ -254,7 +272,8 @@ def _counts(c:Counter) -> str: return ', '.join(f"{k or '(none)'} {n}" for k, n 
 @patch
 def report(self:Samples, n:int|None=3) -> str:
     "A readable account of the records: kept (by domain), rejected (by field; the first `n`, None: all) and filtered."
-    lines = [f"{self.source or 'samples'}: {self.n_records} records -> {len(self)} kept, {len(self.rejected)} rejected, {len(self.filtered)} filtered"]
+    lines = [f"{self.source or 'samples'}: {self.n_records} records -> {len(self)} kept, "
+             f"{len(self.rejected)} rejected, {len(self.filtered)} filtered"]
     if self: lines.append(f"kept by domain: {_counts(Counter(s.domain for s in self))}")
     if self.rejected:
         lines.append(f"rejected by field: {_counts(Counter(e.field for e in self.rejected))}")
@@ -277,7 +296,8 @@ def _fields(rec, i:int, mapping:dict, source:str) -> dict:
     def get(f, rid):
         key = mapping[f]
         if not callable(key):
-            if f in _REQUIRED and key not in rec: raise SampleError(rid, f, f"no key {key!r} in the record (its keys: {sorted(map(str, rec))[:12]})")
+            if f in _REQUIRED and key not in rec:
+                raise SampleError(rid, f, f"no key {key!r} in the record (its keys: {sorted(map(str, rec))[:12]})")
             return rec.get(key)
         try: return key(rec)
         except Exception as e: raise SampleError(rid, f, f"mapping function failed ({type(e).__name__}: {e})") from None
@@ -287,13 +307,15 @@ def _fields(rec, i:int, mapping:dict, source:str) -> dict:
     used = {k for k in mapping.values() if isinstance(k, str)}
     extra = {k: v for k, v in rec.items() if k not in used}
     meta = {} if _missing(out['meta']) else out['meta']
-    out['meta'] = {**extra, **meta} if isinstance(meta, Mapping) else meta   # a non-dict meta is check_sample's to reject
+    # a non-dict meta is check_sample's to reject
+    out['meta'] = {**extra, **meta} if isinstance(meta, Mapping) else meta
     return out
 
 # %% ../nbs/00_data.ipynb #35153d58
 def samples_from_records(records, mapping:dict|None=None, source:str='', answer_as:str='auto', base_dir=None, skip=None,
                          max_side:int=2048, min_side:int=28) -> Samples:
-    "Validate an iterable of dict `records` into `Samples`; `mapping` maps a `Sample` field to a record key (or function)."
+    """Validate an iterable of dict `records` into `Samples`; `mapping` maps a `Sample` field to a record key (or
+    function)."""
     unknown = set(mapping or {}) - set(_FIELDS)
     if unknown: raise ValueError(f"mapping names {sorted(unknown)}, which are not Sample fields {_FIELDS}")
     if answer_as not in ANSWER_AS: raise ValueError(f"answer_as={answer_as!r}; use one of {ANSWER_AS}")
@@ -331,7 +353,8 @@ def from_hf(ds, mapping:dict|None=None, source:str|None=None, answer_as:str='aut
             max_side:int=2048, min_side:int=28) -> Samples:
     "`Samples` from a `datasets.Dataset` whose columns `mapping` maps to `Sample` fields."
     import datasets
-    if isinstance(ds, datasets.DatasetDict): raise TypeError(f"pass one split of the DatasetDict, e.g. ds['test'] (splits: {list(ds)})")
+    if isinstance(ds, datasets.DatasetDict):
+        raise TypeError(f"pass one split of the DatasetDict, e.g. ds['test'] (splits: {list(ds)})")
     if source is None: source = (ds.info.dataset_name or 'dataset') + (f":{ds.split}" if ds.split else '')
     _check_columns(ds.column_names, mapping, f"dataset {source!r}")
     if ds.format['type'] is not None: ds = ds.with_format(None)
@@ -341,10 +364,12 @@ def from_hf(ds, mapping:dict|None=None, source:str|None=None, answer_as:str='aut
 
 # %% ../nbs/00_data.ipynb #b3baf6db
 M3COT_ID = 'LightChen2333/M3CoT'
-M3COT_COLUMNS = {f: f for f in ('id', 'image', 'question', 'choices', 'answer', 'context', 'domain', 'topic', 'rationale')}
+M3COT_COLUMNS = {f: f
+                 for f in ('id', 'image', 'question', 'choices', 'answer', 'context', 'domain', 'topic', 'rationale')}
 M3COT_DOMAINS = ('science', 'commonsense', 'mathematics')
 STL_DOMAINS = ('commonsense', 'science_natural', 'science_social', 'science_language')
-_STL_SCIENCE = {'natural-science': 'science_natural', 'social-science': 'science_social', 'language-science': 'science_language'}
+_STL_SCIENCE = {'natural-science': 'science_natural', 'social-science': 'science_social',
+                'language-science': 'science_language'}
 
 def stl_domain(domain, topic) -> str|None:
     "The STL paper's domain of an M3CoT (domain, topic) pair; None for mathematics, which STL leaves out."
@@ -355,13 +380,17 @@ def stl_domain(domain, topic) -> str|None:
 
 # %% ../nbs/00_data.ipynb #108e8b31
 def m3cot_samples(ds, domains=None, stl_domains:bool=True, source:str='m3cot', **kwargs) -> Samples:
-    "`Samples` from a `Dataset` in M3CoT's schema, optionally mapped to the STL paper's domains and filtered to `domains`."
+    """`Samples` from a `Dataset` in M3CoT's schema, optionally mapped to the STL paper's domains and filtered to
+    `domains`."""
     names = STL_DOMAINS if stl_domains else M3COT_DOMAINS
     if isinstance(domains, str): domains = [domains]
     wanted = tuple(domains) if domains else names
-    if set(wanted) - set(names): raise ValueError(f"unknown domains {sorted(set(wanted) - set(names))}; choose from {names}")
+    if set(wanted) - set(names):
+        raise ValueError(f"unknown domains {sorted(set(wanted) - set(names))}; choose from {names}")
     mapping = dict(M3COT_COLUMNS)
-    if stl_domains: mapping.update(domain=lambda r: stl_domain(r.get('domain'), r.get('topic')) or r.get('domain'), topic='category')
+    if stl_domains:
+        mapping.update(domain=lambda r: stl_domain(r.get('domain'), r.get('topic')) or r.get('domain'),
+                       topic='category')
     def skip(f):
         d = f['domain']
         if stl_domains and d not in STL_DOMAINS: return f"{d!r} is not an STL domain"
@@ -370,7 +399,8 @@ def m3cot_samples(ds, domains=None, stl_domains:bool=True, source:str='m3cot', *
 
 # %% ../nbs/00_data.ipynb #3e4751c4
 def load_m3cot(split:str='test', limit:int|None=None, domains=None, stl_domains:bool=True, **kwargs) -> Samples:
-    "M3CoT's `split` from the hub (`LightChen2333/M3CoT`) as `Samples`; see `m3cot_samples` for `domains` and `stl_domains`."
+    """M3CoT's `split` from the hub (`LightChen2333/M3CoT`) as `Samples`; see `m3cot_samples` for `domains` and
+    `stl_domains`."""
     import datasets
     ds = datasets.load_dataset(M3COT_ID, split=split)
     if limit is not None: ds = ds.select(range(min(limit, len(ds))))
@@ -427,13 +457,15 @@ def save_folder(samples, path, overwrite:bool=False) -> Path:
 
 # %% ../nbs/00_data.ipynb #c7e56ed9
 def _jsonl_records(jf:Path):
-    "The dict records of a JSONL file; a line that is not UTF-8 JSON yields a `SampleError` with id `<file name>:<line>`."
+    """The dict records of a JSONL file; a line that is not UTF-8 JSON yields a `SampleError` with id `<file
+    name>:<line>`."""
     with open(jf, 'rb') as f:
         for n, line in enumerate(f, 1):
             if not line.strip(): continue
             rid = f"{jf.name}:{n}"
             try: yield json.loads(line.decode('utf-8'))
-            except UnicodeDecodeError as e: yield SampleError(rid, 'record', f"line {n} is not valid UTF-8 ({e.reason} at byte {e.start})")
+            except UnicodeDecodeError as e:
+                yield SampleError(rid, 'record', f"line {n} is not valid UTF-8 ({e.reason} at byte {e.start})")
             except json.JSONDecodeError as e: yield SampleError(rid, 'record', f"line {n} is not valid JSON ({e.msg})")
 
 def _parquet_records(files):
@@ -465,6 +497,8 @@ def load_folder(path, mapping:dict|None=None, split:str|None=None, answer_as:str
     jsonl = path if path.is_file() else path/'samples.jsonl' if (path/'samples.jsonl').exists() else None
     if jsonl is None:
         found = sorted(path.glob('*.jsonl'))
-        if len(found) != 1: raise ValueError(f"{path}: expected a save_to_disk folder, parquet files, samples.jsonl or one .jsonl file; found {[p.name for p in found]}")
+        if len(found) != 1:
+            raise ValueError(f"{path}: expected a save_to_disk folder, parquet files, "
+                             f"samples.jsonl or one .jsonl file; found {[p.name for p in found]}")
         jsonl = found[0]
     return samples_from_records(_jsonl_records(jsonl), mapping, source, base_dir=jsonl.parent, **kw)

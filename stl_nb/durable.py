@@ -46,7 +46,8 @@ def parse_faults(spec:str|None) -> dict:
     out = {}
     for part in filter(None, (p.strip() for p in (spec or '').split(','))):
         m = re.fullmatch(r'([\w.-]+):([1-9]\d*)', part)
-        if not m: raise ValueError(f"{FAULT_ENV}={spec!r}: expected name:n with n >= 1 (e.g. negatives:2), got {part!r}")
+        if not m:
+            raise ValueError(f"{FAULT_ENV}={spec!r}: expected name:n with n >= 1 (e.g. negatives:2), got {part!r}")
         out[m[1]] = int(m[2])
     return out
 
@@ -64,15 +65,18 @@ def fault_point(name:str):
 
 # %% ../nbs/04a_durable.ipynb #ead16162
 def launch_state():
-    "accelerate's `PartialState` of this process; on a machine without a GPU its CPU (gloo) form, as the Trainer makes it."
+    """accelerate's `PartialState` of this process; on a machine without a GPU its CPU (gloo) form, as the Trainer makes
+    it."""
     import torch
     from accelerate import PartialState
     return PartialState(cpu=not torch.cuda.is_available())
 
-WORLD_ENV = ('WORLD_SIZE', 'OMPI_COMM_WORLD_SIZE', 'PMI_SIZE', 'MV2_COMM_WORLD_SIZE')   # torchrun/accelerate, then MPI's
+# torchrun/accelerate, then MPI's
+WORLD_ENV = ('WORLD_SIZE', 'OMPI_COMM_WORLD_SIZE', 'PMI_SIZE', 'MV2_COMM_WORLD_SIZE')
 
 def process_info() -> tuple:
-    "(rank, number of processes): (0, 1) in a plain process; accelerate's view under a launcher (one that sets a `WORLD_ENV` variable)."
+    """(rank, number of processes): (0, 1) in a plain process; accelerate's view under a launcher (one that sets a
+    `WORLD_ENV` variable)."""
     if max(int(os.environ.get(k) or 1) for k in WORLD_ENV) <= 1: return 0, 1
     s = launch_state()
     return s.process_index, s.num_processes

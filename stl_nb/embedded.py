@@ -27,22 +27,26 @@ __all__ = ['EMBEDDED_STYLE', 'CAPTION_PROMPT', 'LOOSER_HABITS', 'SPECIAL', 'CHAT
 
 # %% ../nbs/04_embedded.ipynb #2dee8b8d
 EMBEDDED_STYLE = PromptStyle(
-    intro="answer the question.", sections_line="reply with {names}.", template="{intro} {sections_line}\n{question}{extra}",
-    negative_intro="explain why the option is wrong.", options="options:",
-    direct="answer with the option.", direct_template="{intro} {direct}\n{question}",
+    intro="answer the question.", sections_line="reply with {names}.",
+    template="{intro} {sections_line}\n{question}{extra}", negative_intro="explain why the option is wrong.",
+    options="options:", direct="answer with the option.", direct_template="{intro} {direct}\n{question}",
     answer="{text}",   # the conclusion names the option by its text: 'CONCLUSION: blue'
-    refine="a prediction: {prediction}\njudge the correctness of the prediction and refine it.",   # R3V's prompts, worded
-    prediction="prediction {k}: {prediction}", select="which prediction is correct? answer with the option.",   # like the rest
+    # R3V's prompts, worded
+    refine="a prediction: {prediction}\njudge the correctness of the prediction and refine it.",
+    # like the rest
+    prediction="prediction {k}: {prediction}", select="which prediction is correct? answer with the option.",
     select_template="{intro} {select}\n{question}\n{predictions}")
 CAPTION_PROMPT = "describe the image."  # the perception task's prompt
 
 # %% ../nbs/04_embedded.ipynb #57b58c23
 def plain_reasoning(reasoning:str) -> str:
-    "The world's reasoning without its letter: '... so the answer is blue, which is option (D).' -> '... so the answer is blue.'"
+    """The world's reasoning without its letter: '... so the answer is blue, which is option (D).' -> '... so the answer
+    is blue.'"""
     return re.sub(r', which is option \([A-Z]\)\.$', '.', reasoning.strip())
 
 def reference_negative(s:Sample, wrong:int) -> str:
-    "A ground-truth explanation of why option `wrong` of a world sample is wrong: the sound reasoning, ending on the contrast."
+    """A ground-truth explanation of why option `wrong` of a world sample is wrong: the sound reasoning, ending on the
+    contrast."""
     r = plain_reasoning(s.meta['reasoning'])
     body = r[:r.rfind(' so the answer is ')]
     return f"{body} so the answer is {s.answer_text}, not {s.choices[wrong]}. so {s.choices[wrong]} is wrong."
@@ -86,13 +90,15 @@ def habit_share(shortcut:float|dict, topic:str) -> float:
     return shortcut.get(topic, shortcut.get('default'))
 
 def taught_rationale(s:Sample, rng:random.Random, shortcut:float|dict) -> tuple:
-    "(reasoning, answer index) the base is taught for `s`: the sound reasoning, or with probability `shortcut` the habit."
+    """(reasoning, answer index) the base is taught for `s`: the sound reasoning, or with probability `shortcut` the
+    habit."""
     habit = shortcut_reasoning(s) if rng.random() < habit_share(shortcut, s.topic) else None
     if habit is None or habit[1] not in s.choices: return plain_reasoning(s.meta['reasoning']), s.answer
     return habit[0], s.choices.index(habit[1])
 
 # %% ../nbs/04_embedded.ipynb #249ef7a4
-LOOSER_HABITS = {'count_colour': 0.2, 'count_size': 0.2, 'count_not': 0.2, 'default': 0.5}   # the last phase's habit shares
+# the last phase's habit shares
+LOOSER_HABITS = {'count_colour': 0.2, 'count_size': 0.2, 'count_not': 0.2, 'default': 0.5}
 
 @dataclass(frozen=True)
 class EmbeddedConfig:
@@ -102,7 +108,8 @@ class EmbeddedConfig:
     n_caption: int = 4000          # caption examples (perception alone)
     n_rationale: int = 20000       # structured-rationale examples, one fresh question each
     nocap_frac: float = 0.15       # fraction of the rationales and negatives in the no-caption layout (the ablations')
-    shortcut: float|dict = 0.6     # share of the counting and comparison rationales that follow the sloppy habit ({topic: share, 'default': share})
+    # share of the counting and comparison rationales that follow the sloppy habit ({topic: share, 'default': share})
+    shortcut: float|dict = 0.6
     n_negative: int = 4000         # negative-format examples
     n_direct: int = 2000           # direct-answer examples
     vocab_size: int = 1024         # byte-level BPE vocabulary trained on the world's text and the prompts
@@ -111,10 +118,13 @@ class EmbeddedConfig:
     text_width: int = 128          # Llama language model width
     text_layers: int = 4
     heads: int = 4
-    phases: tuple = (('mix', 4000), ('mix+captions', 1000), ('captions', 2000), ('mix', 1000),   # (examples, steps): see below
-                     ('mix', 600, (('shortcut', LOOSER_HABITS), ('seed', 4))))   # or (examples, steps, fields of its own mix)
+    # (examples, steps): see below
+    phases: tuple = (('mix', 4000), ('mix+captions', 1000), ('captions', 2000), ('mix', 1000),
+                     # or (examples, steps, fields of its own mix)
+                     ('mix', 600, (('shortcut', LOOSER_HABITS), ('seed', 4))))
     batch_size: int = 32
-    lr: float = 3e-4               # feasibility notes: 3e-4 learnt colours and shapes, 1e-3 did not (6e-4 did not either, here)
+    # feasibility notes: 3e-4 learnt colours and shapes, 1e-3 did not (6e-4 did not either, here)
+    lr: float = 3e-4
     warmup: int = 200              # linear warmup steps of the first phase (later phases: 50), then cosine decay
     fresh_captions: int = 16000    # fresh caption examples of a 'captions' or 'mix+captions' phase
 
@@ -149,13 +159,15 @@ CHAT_TEMPLATE = ("{% for m in messages %}{% if m['role'] == 'user' %}USER: {% fo
                  "{% else %}{% for c in m['content'] %}{{ c['text'] }}{% endfor %}</s>{% endif %}{% endfor %}")
 
 def prompt_corpus(cfg:EmbeddedConfig, n=600, examples=None) -> list:
-    "Every kind of text the model will read or write (`examples`: `base_examples(cfg)`, when already made), for training the tokenizer."
+    """Every kind of text the model will read or write (`examples`: `base_examples(cfg)`, when already made), for
+    training the tokenizer."""
     ex = base_examples(cfg) if examples is None else examples
     texts = [t for _, _, t in ex] + [m[0]['content'][1]['text'] for _, m, _ in ex]
     for s in make_world(n, seed=cfg.seed + 1, cfg=cfg.world):
         w = (s.answer + 1) % len(s.choices)
         texts += [positive_prompt(s, caption=False, style=EMBEDDED_STYLE), star_prompt(s, style=EMBEDDED_STYLE),
-                  star_prompt(s, caption=False, style=EMBEDDED_STYLE), negative_prompt(s, w, show_answer=False, style=EMBEDDED_STYLE),
+                  star_prompt(s, caption=False, style=EMBEDDED_STYLE),
+                  negative_prompt(s, w, show_answer=False, style=EMBEDDED_STYLE),
                   negative_prompt(s, w, caption=False, style=EMBEDDED_STYLE), s.meta['reasoning']]
     return texts
 
@@ -165,28 +177,34 @@ def build_tokenizer(texts, vocab_size=1024):
     from transformers import PreTrainedTokenizerFast
     tok = Tokenizer(models.BPE(unk_token=None))
     tok.pre_tokenizer, tok.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
-    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL, show_progress=False,
-                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.train_from_iterator(texts,
+                            trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL, show_progress=False,
+                                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token='<pad>', bos_token='<s>', eos_token='</s>',
                                    extra_special_tokens={'image_token': '<image>'})
 
 def build_processor(tokenizer, cfg:EmbeddedConfig):
-    "transformers' LlavaProcessor for the world's images: CLIP preprocessing at the world's size, the chat template above."
+    """transformers' LlavaProcessor for the world's images: CLIP preprocessing at the world's size, the chat template
+    above."""
     from transformers import CLIPImageProcessor, LlavaProcessor
     n = cfg.world.image_size
-    ip = CLIPImageProcessor(size={'shortest_edge': n}, crop_size={'height': n, 'width': n}, image_mean=[.5]*3, image_std=[.5]*3)
-    return LlavaProcessor(image_processor=ip, tokenizer=tokenizer, patch_size=8, vision_feature_select_strategy='default',
-                          num_additional_image_tokens=1, chat_template=CHAT_TEMPLATE)
+    ip = CLIPImageProcessor(size={'shortest_edge': n}, crop_size={'height': n, 'width': n}, image_mean=[.5]*3,
+                            image_std=[.5]*3)
+    return LlavaProcessor(image_processor=ip, tokenizer=tokenizer, patch_size=8,
+                          vision_feature_select_strategy='default', num_additional_image_tokens=1,
+                          chat_template=CHAT_TEMPLATE)
 
 def build_model(cfg:EmbeddedConfig, tokenizer):
     "A randomly initialised LlavaForConditionalGeneration of `cfg`'s size."
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
-    vc = CLIPVisionConfig(hidden_size=cfg.vision_width, intermediate_size=2*cfg.vision_width, num_hidden_layers=cfg.vision_layers,
-                          num_attention_heads=cfg.heads, image_size=cfg.world.image_size, patch_size=8)
+    vc = CLIPVisionConfig(hidden_size=cfg.vision_width, intermediate_size=2*cfg.vision_width,
+                          num_hidden_layers=cfg.vision_layers, num_attention_heads=cfg.heads,
+                          image_size=cfg.world.image_size, patch_size=8)
     tc = LlamaConfig(hidden_size=cfg.text_width, intermediate_size=2*cfg.text_width, num_hidden_layers=cfg.text_layers,
                      num_attention_heads=cfg.heads, num_key_value_heads=cfg.heads, vocab_size=len(tokenizer),
                      max_position_embeddings=1024, tie_word_embeddings=True,
-                     pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+                     pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                     eos_token_id=tokenizer.eos_token_id)
     lc = LlavaConfig(vision_config=vc, text_config=tc, image_token_id=tokenizer.convert_tokens_to_ids('<image>'),
                      vision_feature_select_strategy='default', vision_feature_layer=-1, tie_word_embeddings=True)
     torch.manual_seed(cfg.seed)
@@ -200,13 +218,16 @@ def length_batches(examples, batch_size, rng):
     size = lambda e: len(e[2]) + len(e[1][0]['content'][-1]['text'])
     while True:
         idx = list(range(len(examples))); rng.shuffle(idx)
-        windows = [sorted(idx[k:k + 50*batch_size], key=lambda i: size(examples[i])) for k in range(0, len(idx), 50*batch_size)]
+        windows = [sorted(idx[k:k + 50*batch_size], key=lambda i: size(examples[i]))
+                   for k in range(0, len(idx), 50*batch_size)]
         bs = [w[k:k + batch_size] for w in windows for k in range(0, len(w), batch_size)]
         rng.shuffle(bs)
         for b in bs: yield [examples[i] for i in b]
 
-def pretrain(vlm:VLM, examples, cfg:EmbeddedConfig, progress=True, steps=None, warmup=None, seed=None, desc='pretraining') -> list:
-    "Train every weight of `vlm` on `examples` for `steps` (default `cfg.steps`) steps with a fresh optimizer; the loss of each step."
+def pretrain(vlm:VLM, examples, cfg:EmbeddedConfig, progress=True, steps=None, warmup=None, seed=None,
+             desc='pretraining') -> list:
+    """Train every weight of `vlm` on `examples` for `steps` (default `cfg.steps`) steps with a fresh optimizer; the
+    loss of each step."""
     from tqdm.auto import tqdm
     steps, warmup, seed = steps or cfg.steps, warmup or cfg.warmup, cfg.seed if seed is None else seed
     m, rng = vlm.model, random.Random(seed)
@@ -228,18 +249,21 @@ def pretrain(vlm:VLM, examples, cfg:EmbeddedConfig, progress=True, steps=None, w
 PHASES = ('mix', 'captions', 'mix+captions')
 
 def phase_fields(phase:tuple) -> dict:
-    "The fields a phase `(kind, steps, ((field, value), ...))` changes for its own mix ({} for a plain `(kind, steps)`)."
+    """The fields a phase `(kind, steps, ((field, value), ...))` changes for its own mix ({} for a plain `(kind,
+    steps)`)."""
     return dict(phase[2]) if len(phase) > 2 else {}
 
 def phase_examples(cfg:EmbeddedConfig, kind:str, k:int, mix=None, fields=None) -> list:
-    "Phase `k`'s examples: the mix of `base_examples` (`mix`, when already made), fresh captions (a draw of its own), or both."
+    """Phase `k`'s examples: the mix of `base_examples` (`mix`, when already made), fresh captions (a draw of its own),
+    or both."""
     # `fields`: EmbeddedConfig fields that this phase's mix draws with instead (`mix` is then not used)
     if kind not in PHASES: raise ValueError(f"phase {k}: {kind!r} is not one of {PHASES}")
     if fields:
         bad = set(fields) - set(EmbeddedConfig.__dataclass_fields__)
         if bad: raise ValueError(f"phase {k}: {sorted(bad)} are not fields of EmbeddedConfig")
         mix = base_examples(replace(cfg, **fields)) if 'mix' in kind else None
-    fresh = make_world(cfg.fresh_captions, seed=cfg.seed + k, cfg=cfg.world, split='train') if 'captions' in kind else []
+    fresh = (make_world(cfg.fresh_captions, seed=cfg.seed + k, cfg=cfg.world, split='train')
+             if 'captions' in kind else [])
     captions = [(s.image, chat(CAPTION_PROMPT), s.meta['caption']) for s in fresh]
     if 'mix' not in kind: return captions
     return captions + (base_examples(cfg) if mix is None else mix)
@@ -277,7 +301,8 @@ def _reply_row(s:Sample, text:str) -> dict:
                 hallucinated=bool(hallucinations(caption, s.meta['scene'])))
 
 def base_scores(samples, replies) -> dict:
-    "The criteria's measurements on structured `replies` to `samples`: seeing, format, answering what it reasons, accuracy."
+    """The criteria's measurements on structured `replies` to `samples`: seeing, format, answering what it reasons,
+    accuracy."""
     rows = [_reply_row(s, t) for s, t in zip(samples, replies)]
     share = lambda key, rs: sum(r[key] for r in rs)/max(1, len(rs))
     reached = [r for r in rows if r['reached'] is not None]
@@ -291,14 +316,16 @@ def base_scores(samples, replies) -> dict:
 
 def _above_chance(m): return all(a >= m['domain_chance'][d] + .05 for d, a in m['domain_accuracy'].items())
 
-BASE_CRITERIA = (   # (criterion, test of base_scores' dict): the paper's regime, "sees well, follows the format, reasons weakly"
+# (criterion, test of base_scores' dict): the paper's regime, "sees well, follows the format, reasons weakly"
+BASE_CRITERIA = (
     ('sees: captions exactly right >= 85%',               lambda m: m['caption_exact'] >= .85),
     ('sees: captions stating an absent fact <= 10%',      lambda m: m['hallucinated'] <= .10),
     ('follows the format: unparseable replies <= 1%',     lambda m: m['unparsed'] <= .01),
     ('answers what it reasons: >= 97%',                   lambda m: m['follows'] >= .97),
     ('reasons weakly: accuracy 35-70%',                   lambda m: .35 <= m['accuracy'] <= .70),
     ('reasons weakly: every domain >= chance + 5 points', _above_chance),
-    ('reasons weakly: two domains or more below 65%',     lambda m: sum(a < .65 for a in m['domain_accuracy'].values()) >= 2))
+    ('reasons weakly: two domains or more below 65%',
+     lambda m: sum(a < .65 for a in m['domain_accuracy'].values()) >= 2))
 
 def check_base(scores:dict) -> dict:
     "{criterion: met} of `scores` (from `base_scores`) against `BASE_CRITERIA`."
@@ -323,7 +350,8 @@ def _machine(vlm:VLM) -> str:
     return f"cpu ({platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads)"
 
 def _resumed(cfg:EmbeddedConfig, folder) -> tuple:
-    "(vlm, build.json) of an earlier build in `folder` whose phases are the first phases of `cfg` (otherwise the same config)."
+    """(vlm, build.json) of an earlier build in `folder` whose phases are the first phases of `cfg` (otherwise the same
+    config)."""
     prior = json.loads((Path(folder)/'build.json').read_text())
     n = len(prior['config']['phases'])
     if n >= len(cfg.phases) or prior['config'] != _jsonable(asdict(replace(cfg, phases=cfg.phases[:n]))):
@@ -332,11 +360,13 @@ def _resumed(cfg:EmbeddedConfig, folder) -> tuple:
     return VLM(m.model, m.processor, name='embedded', style=EMBEDDED_STYLE), prior
 
 def build_embedded(cfg:EmbeddedConfig=EmbeddedConfig(), out=None, progress=True, n_judge:int=300, resume=None) -> VLM:
-    "Build, train, judge (`n_judge` held-out questions; 0: skip) and save the embedded base VLM (into the package's assets unless `out` is given)."
+    """Build, train, judge (`n_judge` held-out questions; 0: skip) and save the embedded base VLM (into the package's
+    assets unless `out` is given)."""
     # `resume`: a folder holding an earlier build of this config's first phases; only the later phases are trained
     start = time.time()
     random.seed(cfg.seed); torch.manual_seed(cfg.seed)
-    mix = None   # base_examples(cfg), made once when needed: the tokenizer's corpus and every plain 'mix' phase share it
+    # base_examples(cfg), made once when needed: the tokenizer's corpus and every plain 'mix' phase share it
+    mix = None
     if resume is None:
         mix = base_examples(cfg)
         tok = build_tokenizer(prompt_corpus(cfg, examples=mix), cfg.vocab_size)
@@ -348,7 +378,8 @@ def build_embedded(cfg:EmbeddedConfig=EmbeddedConfig(), out=None, progress=True,
         kind, steps, fields = *phase[:2], phase_fields(phase)
         if mix is None and 'mix' in kind and not fields: mix = base_examples(cfg)
         ex = phase_examples(cfg, kind, k, mix, fields)
-        losses += pretrain(vlm, ex, cfg, progress, steps, cfg.warmup if k == 0 else 50, cfg.seed + k, f'phase {k + 1}: {kind}')
+        losses += pretrain(vlm, ex, cfg, progress, steps, cfg.warmup if k == 0 else 50, cfg.seed + k,
+                           f'phase {k + 1}: {kind}')
     seconds = round(prior['seconds'] + time.time() - start, 1)
     out = Path(out or embedded_dir()); out.mkdir(parents=True, exist_ok=True)
     vlm.model.save_pretrained(out); vlm.processor.save_pretrained(out)
@@ -359,16 +390,20 @@ def build_embedded(cfg:EmbeddedConfig=EmbeddedConfig(), out=None, progress=True,
         machine = f"phases 1-{first}: {prior['machine']}; {later}: {machine}"
     info = dict(config=_jsonable(asdict(cfg)), seconds=seconds, losses=[round(l, 4) for l in losses],
                 params=sum(p.numel() for p in vlm.model.parameters()), torch=torch.__version__, machine=machine)
-    if first: info['resumed'] = dict(after_phase=first, seconds_before=prior['seconds'], phase_seconds_before=prior.get('phase_seconds'))
+    if first:
+        info['resumed'] = dict(after_phase=first, seconds_before=prior['seconds'],
+                               phase_seconds_before=prior.get('phase_seconds'))
     if n_judge:
         judged = criteria_draw(n_judge, cfg.world)
-        info['criteria'] = base_scores(judged, greedy_replies(vlm, judged, lambda s: positive_prompt(s, style=EMBEDDED_STYLE)))
+        info['criteria'] = base_scores(judged,
+                                       greedy_replies(vlm, judged, lambda s: positive_prompt(s, style=EMBEDDED_STYLE)))
     (out/'build.json').write_text(json.dumps(info))
     return vlm
 
 # %% ../nbs/04_embedded.ipynb #903665d1
 def habit_table(samples, replies) -> pd.DataFrame:
-    "Per family, among questions where the habit and the sound reasoning differ: the share of replies reaching each value."
+    """Per family, among questions where the habit and the sound reasoning differ: the share of replies reaching each
+    value."""
     rows = {}
     for s, t in zip(samples, replies):
         habit = shortcut_reasoning(s)
@@ -384,7 +419,8 @@ def habit_table(samples, replies) -> pd.DataFrame:
 
 # %% ../nbs/04_embedded.ipynb #f0rms001
 def reasoning_form(s:Sample, reasoning:str|None, habit:tuple|None=None) -> str|None:
-    "The steps a reasoning about world sample `s` took: 'sound', 'habit', or 'same' where they coincide; None if `s` has no habit."
+    """The steps a reasoning about world sample `s` took: 'sound', 'habit', or 'same' where they coincide; None if `s`
+    has no habit."""
     habit = habit or shortcut_reasoning(s)     # `shortcut_reasoning(s)`, when the caller has it already
     if habit is None: return None
     said, sound, sloppy = words(reasoning or ''), words(plain_reasoning(s.meta['reasoning'])), words(habit[0])
@@ -393,7 +429,8 @@ def reasoning_form(s:Sample, reasoning:str|None, habit:tuple|None=None) -> str|N
     return 'sound' if closeness(sound) >= closeness(sloppy) else 'habit'
 
 def kept_habits(records:list, samples) -> pd.DataFrame:
-    "Rationale records on the habit templates by form (`reasoning_form`), split by whether the habit's value is the gold one."
+    """Rationale records on the habit templates by form (`reasoning_form`), split by whether the habit's value is the
+    gold one."""
     by_id = {s.id: s for s in samples}
     rows = {'habit reaches a wrong value': Counter(), 'habit reaches the gold value': Counter()}
     for r in records:
@@ -421,6 +458,7 @@ def stl_demo(n:int=4,      # how many test questions to show
         r = parse_rationale(t, s.choices)
         right += r.answer == s.answer
         got = '(unparsed)' if r.answer is None else f"({letter(r.answer)}) {s.choices[r.answer]}"
-        print(f"── {s.id} [{s.domain}]\nPROMPT\n{p}\nMODEL\n{t}\nPARSED {got}   GOLD ({s.answer_letter}) {s.answer_text}   "
+        print(f"── {s.id} [{s.domain}]\nPROMPT\n{p}\nMODEL\n{t}\n"
+              f"PARSED {got}   GOLD ({s.answer_letter}) {s.answer_text}   "
               f"{'right' if r.answer == s.answer else 'wrong'}\n")
     print(f"{right}/{n} right")

@@ -23,7 +23,8 @@ __all__ = ['DIRECT_KINDS', 'STATUSES', 'PALETTE', 'KNOWN_COLOURS', 'CARD_WIDTH',
            'markdown_table']
 
 # %% ../nbs/09_evaluate.ipynb #d18d93f2
-DIRECT_KINDS = ANSWER_KINDS   # prompt kinds whose reply is an option alone (direct, R3V's select): read whole by `parse_answer`
+# prompt kinds whose reply is an option alone (direct, R3V's select): read whole by `parse_answer`
+DIRECT_KINDS = ANSWER_KINDS
 
 def _answer(a, s:Sample, rid) -> int|None:
     "A pre-parsed answer: None, or a choice index of `s`."
@@ -32,7 +33,8 @@ def _answer(a, s:Sample, rid) -> int|None:
     raise SampleError(rid, 'answer', f"{a!r} is neither None nor a choice index of the {len(s.choices)} options")
 
 def read_record(rec:dict, s:Sample, caption:bool=True) -> Rationale:
-    "What a generated record says: its parsed fields when it has them, else its `raw` text read by the training-time parser."
+    """What a generated record says: its parsed fields when it has them, else its `raw` text read by the training-time
+    parser."""
     rid, raw = rec.get('id'), rec.get('raw') or ''
     if 'answer' in rec:
         return Rationale(rec.get('caption') or None, rec.get('reasoning') or None, _answer(rec['answer'], s, rid),
@@ -119,13 +121,17 @@ def percent(v) -> str:
 @patch
 def summary(self:Scores) -> str:
     "The totals in a few lines: the three accuracies, the unparsed and missing, per domain, grounding."
-    miss = f" ({len(self.missing)} missing: {', '.join(self.missing[:5])}{', ...' if len(self.missing) > 5 else ''})" if self.missing else ''
-    lines = [f"{self.kind or 'replies'} on {self.n} questions: accuracy {percent(self.accuracy)} ({self.correct}/{self.n}); "
-             f"{percent(self.accuracy_parsed)} of the {self.n - self.unparsed} with an answer read (paper-style)",
-             f"  unparsed {self.unparsed}{miss}; incomplete {self.incomplete} (accuracy over complete replies {percent(self.accuracy_complete)})",
+    miss = (f" ({len(self.missing)} missing: {', '.join(self.missing[:5])}{', ...' if len(self.missing) > 5 else ''})"
+            if self.missing else '')
+    lines = [f"{self.kind or 'replies'} on {self.n} questions: accuracy {percent(self.accuracy)} "
+             f"({self.correct}/{self.n}); {percent(self.accuracy_parsed)} of the {self.n - self.unparsed} "
+             "with an answer read (paper-style)",
+             f"  unparsed {self.unparsed}{miss}; incomplete {self.incomplete} "
+             f"(accuracy over complete replies {percent(self.accuracy_complete)})",
              '  ' + ' · '.join(f"{d} {percent(sc.accuracy)} of {sc.n}" for d, sc in self.by_domain().items())]
-    if self.n_captions: lines.append(f"  captions {self.n_captions}: {percent(self.hallucination_rate)} state something absent from the "
-                                     f"scene, {percent(self.missing_needs_rate)} leave out what the question needs")
+    if self.n_captions:
+        lines.append(f"  captions {self.n_captions}: {percent(self.hallucination_rate)} state something absent "
+                     f"from the scene, {percent(self.missing_needs_rate)} leave out what the question needs")
     return '\n'.join(lines)
 
 @patch
@@ -150,16 +156,19 @@ def _by_id(records, ids:set, kind:str|None) -> tuple:
     return out, kind if kind is not None else (records[0].get('kind') if records else None)
 
 def score(records, samples, caption:bool=True, kind:str|None=None, cfg:WorldConfig=WorldConfig()) -> Scores:
-    "Score generated `records` on the test `samples`: a row per sample, a sample with no record counted missing (wrong)."
+    """Score generated `records` on the test `samples`: a row per sample, a sample with no record counted missing
+    (wrong)."""
     samples = list(samples)
     ids = [s.id for s in samples]
     if not samples: raise ValueError("no samples to score")
-    if len(set(ids)) < len(ids): raise ValueError(f"sample ids repeat: {sorted({i for i in ids if ids.count(i) > 1})[:5]}")
+    if len(set(ids)) < len(ids):
+        raise ValueError(f"sample ids repeat: {sorted({i for i in ids if ids.count(i) > 1})[:5]}")
     recs, kind = _by_id(records, set(ids), kind)
     return Scores(kind, [score_row(s, recs.get(s.id), caption, cfg) for s in samples])
 
 # %% ../nbs/09_evaluate.ipynb #97a13709
-def round_row(scores:Scores, rnd:int, n_positive:int|None=None, n_negative:int|None=None, seconds:float|None=None) -> dict:
+def round_row(scores:Scores, rnd:int, n_positive:int|None=None, n_negative:int|None=None,
+              seconds:float|None=None) -> dict:
     "One entry of `metrics.json`'s 'rounds': round `rnd`'s scores and the data it kept (round 0: before training)."
     return dict(round=rnd, accuracy=scores.accuracy, accuracy_parsed=scores.accuracy_parsed,
                 accuracy_complete=scores.accuracy_complete, domain_accuracy=scores.domain_accuracy,
@@ -175,25 +184,30 @@ def load_run(path) -> dict:
 
 def _runs(runs) -> list:
     "`runs` (one metrics dict or path, or a list of them) as a list of checked metrics dicts."
-    runs = [load_run(r) if isinstance(r, (str, Path)) else r for r in ([runs] if isinstance(runs, (dict, str, Path)) else runs)]
+    runs = [load_run(r) if isinstance(r, (str, Path)) else r
+            for r in ([runs] if isinstance(runs, (dict, str, Path)) else runs)]
     if not runs: raise ValueError("no runs to draw")
     for run in runs:
         m = run.get('method', '?')
-        if 'method' not in run or not run.get('rounds'): raise ValueError(f"run {m!r}: needs 'method' and a non-empty 'rounds' list")
+        if 'method' not in run or not run.get('rounds'):
+            raise ValueError(f"run {m!r}: needs 'method' and a non-empty 'rounds' list")
         if bad := [sorted(r) for r in run['rounds'] if not {'round', 'accuracy'} <= set(r)]:
             raise ValueError(f"run {m!r}: every round needs 'round' and 'accuracy', one has only {bad[0]}")
     if len(ms := [r['method'] for r in runs]) > len(set(ms)): raise ValueError(f"two runs share a method name: {ms}")
     return runs
 
 # %% ../nbs/09_evaluate.ipynb #dfd93c67
-PALETTE = ('#1f77b4', '#ff7f0e', '#2ca02c', '#d62728', '#9467bd', '#8c564b', '#e377c2', '#7f7f7f', '#bcbd22', '#17becf')  # tab10
+# tab10
+PALETTE = ('#1f77b4', '#ff7f0e', '#2ca02c', '#d62728', '#9467bd', '#8c564b', '#e377c2', '#7f7f7f', '#bcbd22', '#17becf')
 KNOWN_COLOURS = {'stl': 3, 'star': 0, 'direct': 1, 'human': 2, 'humancot': 2, 'r3v': 4, 'zeroshot': 7, 'base': 7,
-                 'stlnocaption': 5, 'stlnoneg': 6, 'stlnocapneg': 8}   # index into PALETTE, by name without case or punctuation
+                 # index into PALETTE, by name without case or punctuation
+                 'stlnocaption': 5, 'stlnoneg': 6, 'stlnocapneg': 8}
 
 def _key(m) -> str: return re.sub(r'[^a-z0-9]', '', str(m).lower())
 
 def method_colours(methods) -> dict:
-    "A colour per method from its name alone (so the same in every figure); collisions move on, up to 10 distinct colours."
+    """A colour per method from its name alone (so the same in every figure); collisions move on, up to 10 distinct
+    colours."""
     out, used = {}, set()
     for m in sorted(dict.fromkeys(methods), key=lambda m: (_key(m) not in KNOWN_COLOURS, _key(m))):
         i = KNOWN_COLOURS.get(_key(m), zlib.crc32(_key(m).encode()) % len(PALETTE))
@@ -229,9 +243,11 @@ def plot_rounds(runs, path=None, key:str='accuracy', title=None, colours=None, d
     for run in runs:
         pts = [(row['round'], 100 * row[key]) for row in run['rounds'] if row.get(key) is not None]
         if pts: ax.plot(*zip(*pts), marker='o', ms=4, lw=1.5, color=cs[run['method']], label=run['method'])
-        picked = [(row['round'], 100 * row['select_accuracy']) for row in run['rounds'] if row.get('select_accuracy') is not None]
+        picked = [(row['round'], 100 * row['select_accuracy'])
+                  for row in run['rounds'] if row.get('select_accuracy') is not None]
         if key == 'accuracy' and picked:   # R3V's test-time selection: its own dashed line
-            ax.plot(*zip(*picked), marker='s', ms=4, lw=1.5, ls='--', color=cs[run['method']], label=f"{run['method']} select@{run['rounds'][-1].get('samples', 3)}")
+            ax.plot(*zip(*picked), marker='s', ms=4, lw=1.5, ls='--', color=cs[run['method']],
+                    label=f"{run['method']} select@{run['rounds'][-1].get('samples', 3)}")
     ax.xaxis.get_major_locator().set_params(integer=True)
     _style(ax, 'round (0 = before training)', key.replace('_', ' ') + ' (%)', title)
     return _finish(fig, path, dpi)
@@ -274,7 +290,8 @@ def plot_data(runs, path=None, title=None, colours=None, dpi:int=100) -> Figure:
             if any(n for _, n in pts): ax.plot(*zip(*pts), ls=ls, marker='o', ms=3, lw=1.2, color=cs[run['method']])
     ax.xaxis.get_major_locator().set_params(integer=True)
     handles = [Line2D([], [], color=cs[r['method']], label=r['method']) for r in runs] + [
-        Line2D([], [], color='grey', ls='-', label='positives'), Line2D([], [], color='grey', ls='--', label='negatives')]
+        Line2D([], [], color='grey', ls='-', label='positives'),
+        Line2D([], [], color='grey', ls='--', label='negatives')]
     _style(ax, 'round', 'examples kept', title, handles)
     return _finish(fig, path, dpi)
 
@@ -307,15 +324,18 @@ def _grounding_lines(cap, s:Sample, cfg:WorldConfig) -> list:
     g = _grounding(cap, s, cfg)
     if g['hallucinated'] is None: return []
     out = _wrap('not in the image: ' + _facts(g['hallucinated']), RED) if g['hallucinated'] else []
-    out += _wrap('leaves out what the question needs: ' + _facts(g['missing_needs']), ORANGE) if g['missing_needs'] else []
+    out += (_wrap('leaves out what the question needs: ' + _facts(g['missing_needs']), ORANGE)
+            if g['missing_needs'] else [])
     return out or [('every fact it states is in the scene, and it states all the question needs', GREEN, False)]
 
 def _negative_lines(text, s:Sample, wrong, caption:bool) -> list:
     "The negative rationale's caption and explanation, or its raw text when it is not in the negative layout."
     ng = parse_negative(text, caption)
     out = _head('NEGATIVE' + (f": why ({letter(wrong)}) {s.choices[wrong]} is wrong" if wrong is not None else ''))
-    if ng.caption is None and ng.explanation is None: return out + _wrap('(not in the negative layout) ' + str(text), ORANGE)
-    return out + (_wrap('caption: ' + ng.caption) if ng.caption else []) + _wrap(ng.explanation and 'explanation: ' + ng.explanation)
+    if ng.caption is None and ng.explanation is None:
+        return out + _wrap('(not in the negative layout) ' + str(text), ORANGE)
+    return (out + (_wrap('caption: ' + ng.caption) if ng.caption else [])
+            + _wrap(ng.explanation and 'explanation: ' + ng.explanation))
 
 def card_lines(s:Sample, rationale_text:str, negative_text:str|None=None, wrong:int|None=None, caption:bool=True,
                cfg:WorldConfig=WorldConfig()) -> list:
@@ -330,7 +350,8 @@ def card_lines(s:Sample, rationale_text:str, negative_text:str|None=None, wrong:
 # %% ../nbs/09_evaluate.ipynb #dbe61f83
 def rationale_card(sample:Sample, rationale_text:str, negative_text:str|None=None, path=None, wrong:int|None=None,
                    caption:bool=True, cfg:WorldConfig=WorldConfig(), dpi:int=100) -> Figure:
-    "An image beside its question, caption, reasoning, conclusion (right or wrong against gold) and a negative rationale."
+    """An image beside its question, caption, reasoning, conclusion (right or wrong against gold) and a negative
+    rationale."""
     lines = card_lines(sample, rationale_text, negative_text, wrong, caption, cfg)
     W, H = 8., max(2.2, .16 * len(lines) + .3); side = min(1.9, H - .4)
     fig = Figure(figsize=(W, H))
@@ -338,13 +359,15 @@ def rationale_card(sample:Sample, rationale_text:str, negative_text:str|None=Non
     im.imshow(sample.image, interpolation='nearest'); im.set_title(sample.id, fontsize=7, color=GREY)
     tx = fig.add_axes([(side + .35) / W, .15 / H, 1 - (side + .45) / W, 1 - .3 / H]); tx.axis('off')
     tx.set_xlim(0, 1); tx.set_ylim(len(lines), 0)
-    for k, (l, c, b) in enumerate(lines): tx.text(0, k, l, color=c, fontsize=8, va='top', fontweight='bold' if b else 'normal')
+    for k, (l, c, b) in enumerate(lines):
+        tx.text(0, k, l, color=c, fontsize=8, va='top', fontweight='bold' if b else 'normal')
     return _finish(fig, path, dpi)
 
 # %% ../nbs/09_evaluate.ipynb #fb946adf
 def best_round(run:dict) -> dict:
     "The row of `run` with the highest overall accuracy (the earliest on a tie)."
-    return max(sorted(run['rounds'], key=lambda r: r['round']), key=lambda r: -1 if r['accuracy'] is None else r['accuracy'])
+    return max(sorted(run['rounds'], key=lambda r: r['round']),
+               key=lambda r: -1 if r['accuracy'] is None else r['accuracy'])
 
 
 # %% ../nbs/09_evaluate.ipynb #dd0322c9

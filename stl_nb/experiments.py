@@ -21,8 +21,10 @@ __all__ = ['HINT_METHODS', 'NEGATIVE_METHODS', 'SIGNATURES', 'EFFICIENCY_SIZES',
            'signatures', 'plot_signatures', 'efficiency_dir', 'efficiency_runs', 'efficiency_table', 'plot_efficiency']
 
 # %% ../nbs/15_experiments.ipynb #a5d0ef08
-def transfer_runs(cfg:STLConfig, domains, seeds=(0,), out='runs/transfer', test_domains=None, progress:bool=False) -> dict:
-    "Run `cfg` trained on each domain of `domains` alone and tested on `test_domains` (default: all of them), for each seed."
+def transfer_runs(cfg:STLConfig, domains, seeds=(0,), out='runs/transfer', test_domains=None,
+                  progress:bool=False) -> dict:
+    """Run `cfg` trained on each domain of `domains` alone and tested on `test_domains` (default: all of them), for each
+    seed."""
     domains = tuple(domains)
     if not domains: raise RunError("transfer_runs needs at least one training domain")
     tests = tuple(test_domains or domains)
@@ -36,7 +38,8 @@ def transfer_runs(cfg:STLConfig, domains, seeds=(0,), out='runs/transfer', test_
 def _by_domain(scores:pd.DataFrame, domain:str) -> pd.DataFrame: return scores[scores['domain'] == domain]
 
 def transfer_gains(out, domains, seeds=(0,)) -> pd.DataFrame:
-    "One row per (train domain, seed, test domain) of a `transfer_runs` folder: round 0 and last accuracy, the paired gain."
+    """One row per (train domain, seed, test domain) of a `transfer_runs` folder: round 0 and last accuracy, the paired
+    gain."""
     rows = []
     for d in domains:
         for s in seeds:
@@ -47,7 +50,8 @@ def transfer_gains(out, domains, seeds=(0,)) -> pd.DataFrame:
                 b, a = _by_domain(before, t), _by_domain(after, t)
                 g = paired_gain(b, a)
                 rows.append(dict(train=d, seed=s, test=t, n=g['n'], round_0=b['status'].eq('correct').mean(),
-                                 last=a['status'].reindex(b.index).eq('correct').mean(), gain=g['gain'], lo=g['lo'], hi=g['hi']))
+                                 last=a['status'].reindex(b.index).eq('correct').mean(), gain=g['gain'],
+                                 lo=g['lo'], hi=g['hi']))
     return pd.DataFrame(rows)
 
 def transfer_matrix(gains:pd.DataFrame) -> pd.DataFrame:
@@ -58,8 +62,10 @@ def transfer_matrix(gains:pd.DataFrame) -> pd.DataFrame:
     return m.loc[trains, cols].round(1)
 
 # %% ../nbs/15_experiments.ipynb #414a6589
-def plot_transfer(matrix:pd.DataFrame, path=None, title='gain over the base (points) by training and test domain', dpi:int=100) -> Figure:
-    "The transfer matrix as a heat map, each cell labelled with its gain; the diagonal is training and testing on one domain."
+def plot_transfer(matrix:pd.DataFrame, path=None, title='gain over the base (points) by training and test domain',
+                  dpi:int=100) -> Figure:
+    """The transfer matrix as a heat map, each cell labelled with its gain; the diagonal is training and testing on one
+    domain."""
     fig = Figure(figsize=(5.2, 4.2)); ax = fig.subplots()
     lim = max(1.0, float(matrix.abs().max().max()))
     im = ax.imshow(matrix.values, cmap='RdBu', vmin=-lim, vmax=lim)
@@ -86,12 +92,12 @@ from .world import WorldConfig, words, caption_facts, scene_facts
 HINT_METHODS = ('stl', 'star', 'stl-star')
 
 def hint_runs(cfg:STLConfig, seeds=(0,), out='runs/hints', progress:bool=False) -> pd.DataFrame:
-    "Run the three `HINT_METHODS` with each seed on `cfg`'s draw (`OUT/<method>/seed_<s>/`, each resumable); the comparison."
+    "Run the three `HINT_METHODS` with each seed on `cfg`'s draw (`OUT/<method>/seed_<s>/`, resumable); the comparison."
     return run_compare(cfg, HINT_METHODS, seeds, out, progress=progress)
 
 # %% ../nbs/15_experiments.ipynb #88c625cf
 def rationale_truth(r:dict, s:Sample, cfg:WorldConfig=WorldConfig()) -> dict:
-    "Ground truth on one rationale record about world sample `s`: reaches the gold value, reasons soundly, captions exactly."
+    "Ground truth on a rationale about world sample `s`: it reaches the gold value, reasons soundly, captions exactly."
     reasoning = r.get('reasoning') or ''
     value = reasoned_value(reasoning)
     sound_steps = plain_reasoning(s.meta['reasoning'])
@@ -108,7 +114,7 @@ def _truth_row(flags:list, **keys) -> dict:
     return row
 
 def kept_truth(run_dir, by_domain:bool=False) -> pd.DataFrame:
-    "One row per (round, source[, domain]) of a finished embedded-world run: rationales trained on, `rationale_truth` shares."
+    "One row per (round, source[, domain]) of a finished embedded-world run: rationales trained on, their truth shares."
     run_dir = Path(run_dir)
     run = Run(STLConfig.from_dict(read_json(run_dir/'config.json')), run_dir, progress=False)
     train = run.samples('train')
@@ -181,7 +187,8 @@ from .negatives import audit_one, faithful_negative
 NEGATIVE_METHODS = ('stl', 'stl-faithful-negatives', 'stl-consistent-negatives', 'stl-no-negatives')
 
 def negative_check_runs(cfg:STLConfig, seeds=(0,), out='runs/negatives', progress:bool=False) -> pd.DataFrame:
-    "Run the four `NEGATIVE_METHODS` with each seed on `cfg`'s draw (`OUT/<method>/seed_<s>/`, each resumable); the comparison."
+    """Run the four `NEGATIVE_METHODS` with each seed on `cfg`'s draw (`OUT/<method>/seed_<s>/`, each resumable); the
+    comparison."""
     return run_compare(cfg, NEGATIVE_METHODS, seeds, out, progress=progress)
 
 def _unfaithful(run:Run, rnd:int, train) -> tuple:
@@ -191,7 +198,8 @@ def _unfaithful(run:Run, rnd:int, train) -> tuple:
     return len(negatives), sum(not faithful_negative(r, by_id[r['id']]) for r in negatives)
 
 def negative_check_table(out, seeds=(0,), methods=NEGATIVE_METHODS) -> pd.DataFrame:
-    "Per method and seed: last-round accuracy, its paired difference with `stl`, negatives trained on a round and the unfaithful share."
+    """Per method and seed: last-round accuracy, its paired difference with `stl`, negatives trained on a round and the
+    unfaithful share."""
     rows = []
     for m in methods:
         for s in seeds:
@@ -223,7 +231,8 @@ def _kinds(cfg:WorldConfig) -> dict:
     return kinds
 
 def reasoning_template(text:str|None, cfg:WorldConfig=WorldConfig()) -> str:
-    "`text` with every scene word replaced by its kind (COLOUR, SHAPE, SIZE, SLOT, NUMBER): the steps without the scene."
+    """`text` with every scene word replaced by its kind (COLOUR, SHAPE, SIZE, SLOT, NUMBER): the steps without the
+    scene."""
     kinds = _kinds(cfg)
     return ' '.join(kinds.get(w, w) for w in words(text))
 
@@ -251,7 +260,8 @@ def _reply_signatures(records:list, by_id:dict, cfg:WorldConfig) -> dict:
             'captions exact': sum(exact) / len(caps) if caps else None,
             'captions hallucinate': sum(invented) / len(caps) if caps else None,
             'top letter': _share_of_top([r['answer'] for r in records if r.get('answer') is not None]),
-            'top template': _share_of_top([reasoning_template(r['reasoning'], cfg) for r in records if r.get('reasoning')])}
+            'top template': _share_of_top([reasoning_template(r['reasoning'], cfg)
+                                           for r in records if r.get('reasoning')])}
 
 def _negative_signature(run:Run, rnd:int, train) -> float|None:
     "The share of the negatives round `rnd` trained on whose caption or explanation invents a scene fact."
@@ -283,7 +293,8 @@ def signatures(run_dir, cfg:WorldConfig=WorldConfig()) -> pd.DataFrame:
 
 # %% ../nbs/15_experiments.ipynb #0c142899
 def plot_signatures(runs:dict, path=None, colours=None, dpi:int=100) -> Figure:
-    "One panel per signature: its value per round for each method of `runs` ({method: [run folder, ...]}), mean and range over seeds."
+    """One panel per signature: its value per round for each method of `runs` ({method: [run folder, ...]}), mean and
+    range over seeds."""
     frames = {m: [signatures(d) for d in dirs] for m, dirs in runs.items()}
     colours = colours or method_colours(list(runs))
     fig = Figure(figsize=(12, 6.2))
@@ -314,7 +325,7 @@ def efficiency_dir(out, size:int) -> Path: return Path(out)/f'n_{size}'
 
 def efficiency_runs(cfg:STLConfig, sizes=EFFICIENCY_SIZES, seeds=(0,), out='runs/efficiency',
                     methods=EFFICIENCY_METHODS, progress:bool=False) -> pd.DataFrame:
-    "`run_compare` of `methods` for each training-set size (`cfg.limit`), in `OUT/n_<size>/`; `efficiency_table` of them."
+    "`run_compare` of `methods` for each training-set size (`cfg.limit`) in `OUT/n_<size>/`; their `efficiency_table`."
     for n in sizes:
         run_compare(replace(cfg, limit=n), methods, seeds, efficiency_dir(out, n), progress=progress)
     return efficiency_table(out, sizes, seeds, methods)

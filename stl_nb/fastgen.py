@@ -32,35 +32,44 @@ class GenPlan:
         g = lambda x: f"{x/1e9:.2f} GB"
         head = f"GenPlan: {'merge into a 16-bit copy' if self.merge else 'keep the 4-bit model'} ({self.reason})"
         if not self.gpu_bytes: return head
-        return (head + f"\n  4-bit {g(self.weights_4bit)}, 16-bit copy {g(self.weights_16bit)}, KV {g(self.kv_per_row)} per row of "
-                f"{self.seq_len} tokens, GPU {g(self.gpu_bytes)}; largest batch {self.batch_size}")
+        return (head + f"\n  4-bit {g(self.weights_4bit)}, 16-bit copy {g(self.weights_16bit)}, "
+                f"KV {g(self.kv_per_row)} per row of {self.seq_len} tokens, GPU {g(self.gpu_bytes)}; "
+                f"largest batch {self.batch_size}")
 
 def kv_bytes(config, seq_len:int, nbytes:int=2) -> float:
     "Bytes of the key/value cache of one row of `seq_len` tokens: layers × 2 × kv heads × head dim, 16-bit."
     t = config.get_text_config()
     hd = getattr(t, 'head_dim', None) or t.hidden_size // t.num_attention_heads
-    return t.num_hidden_layers * 2 * (getattr(t, 'num_key_value_heads', None) or t.num_attention_heads) * hd * seq_len * nbytes
+    return (t.num_hidden_layers * 2 * (getattr(t, 'num_key_value_heads', None) or t.num_attention_heads)
+            * hd * seq_len * nbytes)
 
 def plan_generation(config, gpu=None, quant='4bit', batch_size:int=16, seq_len:int=2048, max_batch:int=128,
                     reserve:float=2e9) -> GenPlan:
-    "Whether a merged 16-bit copy of a 4-bit model of `config` fits `gpu` (a `GPUS` name or bytes; None: no GPU) at `batch_size` or more."
+    """Whether a merged 16-bit copy of a 4-bit model of `config` fits `gpu` (a `GPUS` name or bytes; None: no GPU) at
+    `batch_size` or more."""
     if quant != '4bit': return GenPlan(False, 'the base is not 4-bit: it generates as loaded')
-    if gpu is None: return GenPlan(False, 'no GPU: the 4-bit path stays on the CPU (the merge is tested there, never chosen)')
+    if gpu is None:
+        return GenPlan(False, 'no GPU: the 4-bit path stays on the CPU (the merge is tested there, never chosen)')
     p = plan_memory(config, gpu, seq_len=seq_len, reserve=reserve)
     w16, kv = 2*p.params, kv_bytes(config, seq_len)
-    rows = max(0, int((p.gpu_bytes - reserve - w16)/kv))   # while generating: the copy and the KV cache (the 4-bit model is freed)
+    # while generating: the copy and the KV cache (the 4-bit model is freed)
+    rows = max(0, int((p.gpu_bytes - reserve - w16)/kv))
     plan = lambda ok, why: GenPlan(ok, why, p.weights, w16, kv, p.gpu_bytes, min(rows, max_batch) if ok else 0, seq_len)
     if w16 + p.weights + reserve > p.gpu_bytes:             # while merging, layer by layer: at worst both models
-        return plan(False, f"the 16-bit copy ({w16/1e9:.1f} GB) and the 4-bit model ({p.weights/1e9:.1f} GB) do not fit together")
-    if rows < batch_size: return plan(False, f"a 16-bit copy ({w16/1e9:.1f} GB) leaves room for {rows} rows of {seq_len} tokens, "
-                                             f"fewer than the batch of {batch_size}")
+        return plan(False,
+                    f"the 16-bit copy ({w16/1e9:.1f} GB) and the 4-bit model ({p.weights/1e9:.1f} GB) do not fit "
+                    "together")
+    if rows < batch_size:
+        return plan(False, f"a 16-bit copy ({w16/1e9:.1f} GB) leaves room for {rows} rows of {seq_len} tokens, "
+                           f"fewer than the batch of {batch_size}")
     return plan(True, f"the 16-bit copy fits with {min(rows, max_batch)} rows of {seq_len} tokens")
 
 # %% ../nbs/06c_fast_generation.ipynb #82d72c66
 def gpu_bytes():
     "Total memory of this process's GPU (`LOCAL_RANK`), None without one."
     import os, torch
-    return torch.cuda.get_device_properties(int(os.environ.get('LOCAL_RANK', 0))).total_memory if torch.cuda.is_available() else None
+    return (torch.cuda.get_device_properties(int(os.environ.get('LOCAL_RANK', 0))).total_memory
+            if torch.cuda.is_available() else None)
 
 # %% ../nbs/06c_fast_generation.ipynb #4ace933a
 def _is_4bit(m) -> bool: return type(m).__name__ == 'Linear4bit' and hasattr(m.weight, 'quant_state')
@@ -96,7 +105,8 @@ def _dtype_16bit(model):
 
 # %% ../nbs/06c_fast_generation.ipynb #81c11f79
 def merge_model(model, dtype=None):
-    "`model` (a 4-bit model, perhaps a `PeftModel` around it) as one plain model in `dtype`: 4-bit layers dequantized, LoRA merged in; in place."
+    """`model` (a 4-bit model, perhaps a `PeftModel` around it) as one plain model in `dtype`: 4-bit layers dequantized,
+    LoRA merged in; in place."""
     from peft import PeftModel
     dtype = dtype or _dtype_16bit(model)
     for name, m in [(n, m) for n, m in model.named_modules() if hasattr(m, 'lora_A') and hasattr(m, 'get_base_layer')]:
@@ -109,17 +119,20 @@ def merge_model(model, dtype=None):
     return model.to(dtype).eval()
 
 def merge_16bit(vlm:VLM, dtype=None) -> VLM:
-    "A `VLM` of `vlm`'s model merged into one 16-bit model (`merge_model`; bf16 on a GPU, float32 on the CPU); `vlm.model` is consumed."
+    """A `VLM` of `vlm`'s model merged into one 16-bit model (`merge_model`; bf16 on a GPU, float32 on the CPU);
+    `vlm.model` is consumed."""
     v = vlm
     return VLM(merge_model(v.model, dtype), v.processor, name=v.name, kind=v.kind, image_token=v.image_token,
                image_token_id=v.image_token_id, end_marker=v.end_marker, eos_token_ids=v.eos_token_ids, style=v.style)
 
 # %% ../nbs/06c_fast_generation.ipynb #ac838f25
 def generation_model(run, adapter=None) -> tuple:
-    "(vlm, engine) for a round's generation on the HF backend: a merged 16-bit copy of the 4-bit model when `plan_generation` allows, else the model as loaded."
+    """(vlm, engine) for a round's generation on the HF backend: a merged 16-bit copy of the 4-bit model when
+    `plan_generation` allows, else the model as loaded."""
     if run.in_memory == ('merged', adapter): return run.vlm, None
     vlm = run.model(adapter)
-    plan = plan_generation(vlm.model.config, gpu_bytes(), run.cfg.quant, max(run.cfg.gen.batch_size, run.cfg.eval_gen.batch_size))
+    plan = plan_generation(vlm.model.config, gpu_bytes(), run.cfg.quant,
+                           max(run.cfg.gen.batch_size, run.cfg.eval_gen.batch_size))
     if not plan.merge: return vlm, None
     import torch
     cuda = torch.cuda.is_available()
@@ -127,20 +140,24 @@ def generation_model(run, adapter=None) -> tuple:
     run.vlm, run.in_memory = None, None
     fast = merge_16bit(vlm); del vlm; gc.collect()
     if cuda: torch.cuda.empty_cache()
-    run.vlm, run.in_memory = fast, ('merged', adapter)       # `run.model`/`run.base` reload the 4-bit model for training
-    if run.progress and cuda: print(f"[generation] {adapter or 'base'}: merged 16-bit copy, {torch.cuda.memory_allocated()/1e9:.1f} GB "
-                                    f"(peak {torch.cuda.max_memory_allocated()/1e9:.1f} GB); up to {plan.batch_size} rows fit", flush=True)
+    # `run.model`/`run.base` reload the 4-bit model for training
+    run.vlm, run.in_memory = fast, ('merged', adapter)
+    if run.progress and cuda:
+        print(f"[generation] {adapter or 'base'}: merged 16-bit copy, {torch.cuda.memory_allocated()/1e9:.1f} GB "
+              f"(peak {torch.cuda.max_memory_allocated()/1e9:.1f} GB); up to {plan.batch_size} rows fit", flush=True)
     return fast, None
 
 # %% ../nbs/06c_fast_generation.ipynb #0bd16b62
 def prompt_lengths(vlm, jobs:list) -> list:
-    "Tokens of each job's rendered prompt text (image tokens not counted: the same number per image at a fixed resolution)."
+    """Tokens of each job's rendered prompt text (image tokens not counted: the same number per image at a fixed
+    resolution)."""
     style = style_of(vlm)
     texts = [vlm.render(chat(prompt_text(j.sample, j.kind, j.distractor, style))) for j in jobs]
     return [len(x) for x in vlm.tokenizer(texts, add_special_tokens=False).input_ids]
 
 def by_length(jobs:list, lengths:list) -> list:
-    "`jobs` with each question's jobs kept together, the questions in order of their longest prompt (ties in job order)."
+    """`jobs` with each question's jobs kept together, the questions in order of their longest prompt (ties in job
+    order)."""
     groups = [list(g) for _, g in groupby(zip(jobs, lengths), key=lambda x: x[0].sample.id)]
     return [j for g in sorted(groups, key=lambda g: max(l for _, l in g)) for j, _ in g]
 
@@ -166,7 +183,8 @@ def _next_token(logits, cfg:GenConfig):
     return si.gather(-1, torch.multinomial(sp, 1)).squeeze(-1)
 
 def generate_compact(vlm, images, messages_list, cfg:GenConfig=GenConfig(), seed:int=0, stats:dict=None) -> list:
-    "`generate_batch`, but a row that has ended leaves the batch (and its KV cache): no decode step is spent on it. LLaVA-style 1-D positions only."
+    """`generate_batch`, but a row that has ended leaves the batch (and its KV cache): no decode step is spent on it.
+    LLaVA-style 1-D positions only."""
     import torch
     b = on_device(vlm, vlm.encode(images, messages_list, padding_side='left'))
     mask, eos, n = b['attention_mask'], torch.tensor(vlm.eos_token_ids, device=vlm.device), len(messages_list)
@@ -185,10 +203,13 @@ def generate_compact(vlm, images, messages_list, cfg:GenConfig=GenConfig(), seed
             mask = torch.cat([mask, mask.new_ones(len(rows), 1)], -1)
             o = vlm.model(input_ids=tok[:, None], attention_mask=mask, position_ids=mask.sum(-1, keepdim=True) - 1,
                           cache=cache, use_cache=True)
-    if stats is not None: stats['row_steps'] = stats.get('row_steps', 0) + steps; stats['full_steps'] = stats.get('full_steps', 0) + n*max(map(len, out))
+    if stats is not None:
+        stats['row_steps'] = stats.get('row_steps', 0) + steps
+        stats['full_steps'] = stats.get('full_steps', 0) + n*max(map(len, out))
     return [Reply(vlm.decode(r), len(r), r[-1] in vlm.eos_token_ids) for r in out]
 
 def reply_compact(vlm, jobs:list, cfg:GenConfig, seed:int=0) -> list:
     "An `engine` for `run_jobs`: `generate_compact` over the jobs' prompts."
     style = style_of(vlm)
-    return generate_compact(vlm, [j.sample.image for j in jobs], [chat(prompt_text(j.sample, j.kind, j.distractor, style)) for j in jobs], cfg, seed)
+    return generate_compact(vlm, [j.sample.image for j in jobs],
+                            [chat(prompt_text(j.sample, j.kind, j.distractor, style)) for j in jobs], cfg, seed)

@@ -33,14 +33,16 @@ class GenConfig:
         if self.max_new_tokens < 1: raise ValueError(f"max_new_tokens={self.max_new_tokens} must be at least 1")
         if self.temperature < 0 or not 0 < self.top_p <= 1: raise ValueError("need temperature >= 0 and 0 < top_p <= 1")
         if self.n < 1 or self.batch_size < 1: raise ValueError("need n >= 1 and batch_size >= 1")
-        if self.n > 1 and self.greedy: raise ValueError(f"n={self.n} greedy replies would be identical: set temperature > 0")
+        if self.n > 1 and self.greedy:
+            raise ValueError(f"n={self.n} greedy replies would be identical: set temperature > 0")
 
     @property
     def greedy(self) -> bool: return self.temperature == 0
 
 # %% ../nbs/06_generate.ipynb #fb1762bb
 PROMPT_KINDS = ('positive', 'positive-nocap', 'direct', 'star', 'negative', 'negative-nocap', 'select')
-ANSWER_KINDS = ('direct', 'select')   # replies that are an option alone (R3V's select: the option of the correct prediction)
+# replies that are an option alone (R3V's select: the option of the correct prediction)
+ANSWER_KINDS = ('direct', 'select')
 
 def style_of(vlm) -> PromptStyle:
     "The prompt wording `vlm` was trained with (`vlm.style`), else the default `PromptStyle()`."
@@ -54,7 +56,8 @@ def prompt_text(s:Sample, kind:str, wrong:int|None=None, style:PromptStyle=Promp
     if kind == 'direct': return direct_prompt(s, style)
     if kind == 'star': return star_prompt(s, style=style)
     if kind == 'select':   # R3V's test-time selection: the predictions to choose from travel in the sample's meta
-        if not s.meta.get('predictions'): raise ValueError(f"sample {s.id!r}: a 'select' prompt needs meta['predictions']")
+        if not s.meta.get('predictions'):
+            raise ValueError(f"sample {s.id!r}: a 'select' prompt needs meta['predictions']")
         return select_prompt(s, s.meta['predictions'], style)
     return positive_prompt(s, caption=kind == 'positive', style=style)
 
@@ -62,7 +65,8 @@ def prompt_text(s:Sample, kind:str, wrong:int|None=None, style:PromptStyle=Promp
 PARSED = ('caption', 'reasoning', 'explanation', 'answer', 'letter')
 
 def parse_reply(text:str, s:Sample, kind:str) -> dict:
-    "The parsed fields of a reply to a `kind` prompt about `s`: caption, reasoning, explanation, answer index and letter."
+    """The parsed fields of a reply to a `kind` prompt about `s`: caption, reasoning, explanation, answer index and
+    letter."""
     if kind.startswith('negative'):
         n = parse_negative(text, caption=kind == 'negative')
         return dict(caption=n.caption, reasoning=None, explanation=n.explanation, answer=None, letter=None)
@@ -73,14 +77,17 @@ def parse_reply(text:str, s:Sample, kind:str) -> dict:
 
 # %% ../nbs/06_generate.ipynb #a13c6b15
 class Job(NamedTuple):
-    "One reply to generate: `sample` answering a `kind` prompt (a negative: about option `distractor`), reply number `k`."
+    """One reply to generate: `sample` answering a `kind` prompt (a negative: about option `distractor`), reply number
+    `k`."""
     sample: Sample
     kind: str
-    distractor: int|None = None   # the index of the wrong option a negative explains (its record stores the letter, 'wrong')
+    # the index of the wrong option a negative explains (its record stores the letter, 'wrong')
+    distractor: int|None = None
     k: int = 0
 
     @property
-    def key(self) -> tuple: return (self.sample.id, self.kind, None if self.distractor is None else letter(self.distractor), self.k)
+    def key(self) -> tuple:
+        return (self.sample.id, self.kind, None if self.distractor is None else letter(self.distractor), self.k)
 
 def record_key(r:dict) -> tuple:
     "The key of a record: (sample id, kind, distractor letter or None, reply number)."
@@ -92,7 +99,8 @@ def jobs_for(samples, kinds=('positive',), n:int=1) -> list:
 
 # %% ../nbs/06_generate.ipynb #78a4ecdf
 def batches(jobs:list, size:int) -> list:
-    "`jobs` in order, cut into batches of at most `size` that keep each question's jobs together (unless they alone exceed `size`)."
+    """`jobs` in order, cut into batches of at most `size` that keep each question's jobs together (unless they alone
+    exceed `size`)."""
     out = []
     for _, grp in groupby(jobs, key=lambda j: j.sample.id):
         grp = list(grp)
@@ -152,8 +160,9 @@ def _provenance(vlm, cfg:GenConfig, rnd=None, adapter=None) -> dict:
 def make_record(job:Job, reply:Reply, prov:dict) -> dict:
     "The JSON record of `job`'s `reply`: key, provenance, raw text, parsed fields, token count, finished."
     sid, kind, wrong, k = job.key
-    return dict(id=sid, kind=kind, wrong=wrong, k=k, **{x: prov[x] for x in ('round', 'model', 'adapter')}, raw=reply.text,
-                **parse_reply(reply.text, job.sample, kind), n_tokens=reply.n_tokens, finished=reply.finished, gen=prov['gen'])
+    return dict(id=sid, kind=kind, wrong=wrong, k=k, **{x: prov[x] for x in ('round', 'model', 'adapter')},
+                raw=reply.text, **parse_reply(reply.text, job.sample, kind), n_tokens=reply.n_tokens,
+                finished=reply.finished, gen=prov['gen'])
 
 # %% ../nbs/06_generate.ipynb #82821934
 def _lines(path:Path) -> tuple:
@@ -165,7 +174,8 @@ def _lines(path:Path) -> tuple:
 def _parse(line:bytes, path, i:int) -> dict:
     try: r = json.loads(line)
     except ValueError as e: raise ValueError(f"{path}:{i}: not a JSON record ({e}); fix or remove the line") from None
-    if not isinstance(r, dict) or not {'id', 'kind', 'wrong', 'k'} <= r.keys(): raise ValueError(f"{path}:{i}: not a generation record")
+    if not isinstance(r, dict) or not {'id', 'kind', 'wrong', 'k'} <= r.keys():
+        raise ValueError(f"{path}:{i}: not a generation record")
     return r
 
 def _rewrite(path:Path, lines:list):
@@ -204,26 +214,29 @@ _PROV = ('round', 'model', 'adapter', 'gen')
 def _diff(theirs:dict, ours:dict) -> dict:
     "{field: (file, now)} of the provenance that differs, decoding settings field by field."
     d = {x: (theirs[x], ours[x]) for x in _PROV[:3] if theirs[x] != ours[x]}
-    return d | {k: ((theirs['gen'] or {}).get(k), v) for k, v in ours['gen'].items() if (theirs['gen'] or {}).get(k) != v}
+    return d | {k: ((theirs['gen'] or {}).get(k), v)
+                for k, v in ours['gen'].items() if (theirs['gen'] or {}).get(k) != v}
 
 def _check_same_run(records:list, prov:dict, path):
     "Refuse to append to a file written by another model, adapter, round or decoding settings."
     for r in records:
         if (theirs := {x: r.get(x) for x in _PROV}) != prov:
-            raise ValueError(f"{path} holds records of another run ({record_key(r)}: {_diff(theirs, prov)}, as (file, now)); "
-                             "write to a new file or delete this one")
+            raise ValueError(f"{path} holds records of another run ({record_key(r)}: {_diff(theirs, prov)}, "
+                             "as (file, now)); write to a new file or delete this one")
 
 def _by_key(records:list, path) -> dict:
     "{key: record} of the records a file holds, refusing a key that occurs twice."
     done = {}
     for r in records:
-        if record_key(r) in done: raise ValueError(f"{path} holds record {record_key(r)} twice: it was not written by run_jobs")
+        if record_key(r) in done:
+            raise ValueError(f"{path} holds record {record_key(r)} twice: it was not written by run_jobs")
         done[record_key(r)] = r
     return done
 
 def _check_unique(jobs:list):
     keys = [j.key for j in jobs]
-    if len(set(keys)) != len(keys): raise ValueError(f"duplicate jobs, e.g. {next(k for k in keys if keys.count(k) > 1)}: are sample ids unique?")
+    if len(set(keys)) != len(keys):
+        raise ValueError(f"duplicate jobs, e.g. {next(k for k in keys if keys.count(k) > 1)}: are sample ids unique?")
 
 # %% ../nbs/06_generate.ipynb #074fb365
 def _bar(total:int, initial:int, desc:str, progress:bool):
@@ -232,12 +245,16 @@ def _bar(total:int, initial:int, desc:str, progress:bool):
 
 def run_jobs(vlm, jobs:list, out, cfg:GenConfig=GenConfig(), engine=reply_jobs, rnd=None, adapter=None,
              progress:bool=True, on_batch=None) -> list:
-    "Generate `jobs` into the JSONL file `out` batch by batch, skipping records it holds; all the jobs' records, in job order."
-    if process_info()[1] > 1: return run_shared(vlm, jobs, out, cfg, engine, rnd, adapter, progress, on_batch)   # appendix 06b
+    """Generate `jobs` into the JSONL file `out` batch by batch, skipping records it holds; all the jobs' records, in
+    job order."""
+    # appendix 06b
+    if process_info()[1] > 1: return run_shared(vlm, jobs, out, cfg, engine, rnd, adapter, progress, on_batch)
     return _run_here(vlm, jobs, out, cfg, engine, rnd, adapter, progress, on_batch)
 
-def _run_here(vlm, jobs:list, out, cfg:GenConfig, engine, rnd, adapter, progress, on_batch, held=None, point=None) -> list:
-    "`run_jobs` in this process; `held`: records already made elsewhere, `point`: the crash point's name (default: the file's)."
+def _run_here(vlm, jobs:list, out, cfg:GenConfig, engine, rnd, adapter, progress, on_batch,
+              held=None, point=None) -> list:
+    """`run_jobs` in this process; `held`: records already made elsewhere, `point`: the crash point's name (default: the
+    file's)."""
     out, prov = Path(out), _provenance(vlm, cfg, rnd, adapter)
     _check_unique(jobs)
     done = (held or {}) | _by_key(read_records(out, repair=True), out)
@@ -245,7 +262,8 @@ def _run_here(vlm, jobs:list, out, cfg:GenConfig, engine, rnd, adapter, progress
     todo = [b for b in batches(jobs, cfg.batch_size) if any(j.key not in done for j in b)]
     if vlm.model is not None: vlm.model.eval()
     out.parent.mkdir(parents=True, exist_ok=True)
-    with _bar(len(jobs), sum(j.key in done for j in jobs), jobs[0].kind if jobs else '', progress) as bar, open(out, 'a', encoding='utf-8') as f:
+    with (_bar(len(jobs), sum(j.key in done for j in jobs), jobs[0].kind if jobs else '', progress) as bar,
+          open(out, 'a', encoding='utf-8') as f):
         for b in todo:
             rs = engine(vlm, b, cfg, batch_seed(cfg, b[0].key))
             if len(rs) != len(b): raise RuntimeError(f"{engine.__name__} gave {len(rs)} replies for {len(b)} jobs")
@@ -258,15 +276,18 @@ def _run_here(vlm, jobs:list, out, cfg:GenConfig, engine, rnd, adapter, progress
 # %% ../nbs/06_generate.ipynb #068f00c8
 def generate(vlm, samples, out, cfg:GenConfig=GenConfig(), kinds=('positive',), rnd=None, adapter=None,
              progress:bool=True, on_batch=None, engine=None) -> list:
-    "Replies of `vlm` to every sample in each prompt kind of `kinds`, `cfg.n` each, written to (and resumed from) `out`; `engine`: another engine (06a)."
+    """Replies of `vlm` to every sample in each prompt kind of `kinds`, `cfg.n` each, written to (and resumed from)
+    `out`; `engine`: another engine (06a)."""
     if bad := [k for k in kinds if k not in PROMPT_KINDS or k.startswith('negative')]:
         takes = [k for k in PROMPT_KINDS if not k.startswith('negative')]
         raise ValueError(f"kinds {bad}: `generate` takes {takes}; negatives come from stl_nb.negatives.make_negatives")
-    return run_jobs(vlm, jobs_for(samples, kinds, cfg.n), out, cfg, engine or reply_jobs, rnd, adapter, progress, on_batch)
+    return run_jobs(vlm, jobs_for(samples, kinds, cfg.n), out, cfg, engine or reply_jobs, rnd, adapter,
+                    progress, on_batch)
 
 # %% ../nbs/06b_generation_store.ipynb #6d9f211d
 def share_jobs(jobs:list, rank:int, world:int) -> list:
-    "Rank `rank`'s share of `jobs`: the jobs of every `world`-th question (in order of first appearance), starting at the `rank`-th."
+    """Rank `rank`'s share of `jobs`: the jobs of every `world`-th question (in order of first appearance), starting at
+    the `rank`-th."""
     if not 0 <= rank < world: raise ValueError(f"rank {rank} is not in 0..{world - 1}")
     mine = set(list(dict.fromkeys(j.sample.id for j in jobs))[rank::world])
     return [j for j in jobs if j.sample.id in mine]
@@ -274,12 +295,14 @@ def share_jobs(jobs:list, rank:int, world:int) -> list:
 def _parts(out:Path) -> list: return sorted(out.parent.glob(f'{out.stem}.rank*{out.suffix}'))
 
 def merge_parts(jobs:list, out) -> list:
-    "Merge the rank files of `out` into it: the jobs' records in job order, then other records it held; each key once. The merged records."
+    """Merge the rank files of `out` into it: the jobs' records in job order, then other records it held; each key once.
+    The merged records."""
     out = Path(out)
     parts, held = _parts(out), read_records(out, repair=True)
     recs = {}
     for r in held + [r for p in parts for r in read_records(p, repair=True)]:
-        recs.setdefault(record_key(r), r)   # a key in two files (a resume with another number of processes): the first one
+        # a key in two files (a resume with another number of processes): the first one
+        recs.setdefault(record_key(r), r)
     keys = [j.key for j in jobs]; ks = set(keys)
     order = [k for k in keys if k in recs] + [record_key(r) for r in held if record_key(r) not in ks]
     write_atomic(out, ''.join(json.dumps(recs[k], ensure_ascii=False) + '\n' for k in order))
@@ -288,15 +311,16 @@ def merge_parts(jobs:list, out) -> list:
 
 def run_shared(vlm, jobs:list, out, cfg:GenConfig=GenConfig(), engine=reply_jobs, rnd=None, adapter=None,
                progress:bool=True, on_batch=None) -> list:
-    "`run_jobs` among the launched processes: each generates its share into its own file, the main one merges them into `out`."
+    """`run_jobs` among the launched processes: each generates its share into its own file, the main one merges them
+    into `out`."""
     out, (rank, world) = Path(out), process_info()
     _check_unique(jobs)
     if rank == 0 and (out.exists() or _parts(out)): merge_parts(jobs, out)   # what an interrupted run left, in one file
     barrier()
     held = _by_key(read_records(out), out)
     _check_same_run(held.values(), _provenance(vlm, cfg, rnd, adapter), out)
-    _run_here(vlm, share_jobs(jobs, rank, world), rank_path(out, rank), cfg, engine, rnd, adapter, progress and rank == 0,
-              on_batch, held, point=out.stem)
+    _run_here(vlm, share_jobs(jobs, rank, world), rank_path(out, rank), cfg, engine, rnd, adapter,
+              progress and rank == 0, on_batch, held, point=out.stem)
     barrier()
     if rank == 0: merge_parts(jobs, out)
     barrier()

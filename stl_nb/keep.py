@@ -20,7 +20,8 @@ __all__ = ['DROP_REASONS', 'degenerate', 'conclusion_agrees', 'judge', 'FilterRe
 _LOOP = re.compile(r'(?=((\S.{0,49}?)\2{3,}))', re.S)   # at every position: a unit, then 3 more copies of it
 
 def degenerate(text:str, min_chars:int=24) -> bool:
-    "Whether `text` loops: a piece of 1 to 50 characters repeated back to back 4 times or more, over `min_chars` or more."
+    """Whether `text` loops: a piece of 1 to 50 characters repeated back to back 4 times or more, over `min_chars` or
+    more."""
     return any(len(m[1]) >= min_chars for m in _LOOP.finditer(text or ''))
 
 # %% ../nbs/07_keep.ipynb #75f75994
@@ -67,7 +68,8 @@ def judge(rec:dict, s:Sample, strict:bool=False) -> str|None:
     else: r = parse_rationale(raw, s.choices, caption=kind != 'positive-nocap'); a = r.answer
     cut = rec.get('finished') is False and (r.truncated if r else a is None)
     return _first(cut and 'truncated', r and _caption_reason(r.caption, r.caption_section),
-                  r and r.reasoning is None and 'missing_reasoning', a is None and 'no_answer', a != s.answer and 'wrong_answer',
+                  r and r.reasoning is None and 'missing_reasoning', a is None and 'no_answer',
+                  a != s.answer and 'wrong_answer',
                   strict and r and not conclusion_agrees(r, s.choices) and 'inconsistent_conclusion')
 
 
@@ -93,14 +95,17 @@ class FilterReport:
 # %% ../nbs/07_keep.ipynb #a9e69f06
 def _row(name, c:Counter, reasons) -> str:
     n = sum(c.values())
-    return f"{name:<14}{n:>9}{c['kept']:>7}{100*c['kept']/max(n, 1):>7.1f}%" + ''.join(f"{c[r]:>{max(len(r), 5)+2}}" for r in reasons)
+    return (f"{name:<14}{n:>9}{c['kept']:>7}{100*c['kept']/max(n, 1):>7.1f}%"
+            + ''.join(f"{c[r]:>{max(len(r), 5)+2}}" for r in reasons))
 
 def _table(self:FilterReport) -> str:
     "Generated, kept, kept % and each reason that occurred: a row per domain, then all."
     reasons = [r for r in DROP_REASONS if r in self.dropped]
-    head = f"{'domain':<14}{'generated':>9}{'kept':>7}{'kept%':>8}" + ''.join(f"{r:>{max(len(r), 5)+2}}" for r in reasons)
+    head = (f"{'domain':<14}{'generated':>9}{'kept':>7}{'kept%':>8}"
+            + ''.join(f"{r:>{max(len(r), 5)+2}}" for r in reasons))
     total = sum(self.counts.values(), Counter())
-    return '\n'.join([head] + [_row(d, c, reasons) for d, c in sorted(self.counts.items())] + [_row('all', total, reasons)])
+    return '\n'.join([head] + [_row(d, c, reasons) for d, c in sorted(self.counts.items())]
+                     + [_row('all', total, reasons)])
 
 FilterReport.table, FilterReport.__repr__ = _table, _table
 
@@ -115,12 +120,14 @@ def index_samples(samples) -> dict:
 
 def sample_of(by_id:dict, rec:dict) -> Sample:
     "The sample a record is about; a record about none of them is an error, never skipped."
-    if rec['id'] not in by_id: raise SampleError(rec['id'], 'id', f"the {rec['kind']!r} record is about no sample given")
+    if rec['id'] not in by_id:
+        raise SampleError(rec['id'], 'id', f"the {rec['kind']!r} record is about no sample given")
     return by_id[rec['id']]
 
 # %% ../nbs/07_keep.ipynb #4dbdf9f2
 def keep_correct(records, samples, strict:bool=False, per_question:int|None=None) -> tuple:
-    "(kept records, `FilterReport`): the replies `judge` keeps (right answer, complete, not looping; `strict`: see above), and why the rest went."
+    """(kept records, `FilterReport`): the replies `judge` keeps (right answer, complete, not looping; `strict`: see
+    above), and why the rest went."""
     by_id, kept, report = index_samples(samples), [], FilterReport()
     kept_of = Counter()                       # kept replies per question so far
     for r in records:
@@ -156,7 +163,8 @@ def _solution(r:dict, s:Sample, style:PromptStyle) -> str:
     return render_rationale(parse_rationale(r['raw'], s.choices, caption=cap), s.choices, caption=cap, style=style)
 
 def r3v_examples(records, samples, style:PromptStyle=PromptStyle(), seed:int=0) -> list:
-    "R3V's (kind, sample id, (image, messages, target)) of a pool of rationale `records`: self-CoT ('positive'), 'refine', 'select'."
+    """R3V's (kind, sample id, (image, messages, target)) of a pool of rationale `records`: self-CoT ('positive'),
+    'refine', 'select'."""
     by_id, right, wrong = index_samples(samples), {}, {}
     for r in records:
         s = sample_of(by_id, r)
@@ -169,11 +177,13 @@ def r3v_examples(records, samples, style:PromptStyle=PromptStyle(), seed:int=0) 
         if not ok: continue
         rng = random.Random(f'{seed}-{s.id}')
         cap = ok[0]['kind'] != 'positive-nocap'
-        out.append(('positive', s.id, (s.image, chat(positive_prompt(s, caption=cap, style=style)), _solution(rng.choice(ok), s, style))))
+        out.append(('positive', s.id,
+                    (s.image, chat(positive_prompt(s, caption=cap, style=style)), _solution(rng.choice(ok), s, style))))
         if not bad: continue
         refine = chat(refine_prompt(s, rng.choice(bad)['raw'], caption=cap, style=style))
         out.append(('refine', s.id, (s.image, refine, _solution(rng.choice(ok), s, style))))
-        picks = ([rng.sample(ok, 2) + [rng.choice(bad)]] if len(ok) >= 2 else []) + ([[rng.choice(ok)] + rng.sample(bad, 2)] if len(bad) >= 2 else [])
+        picks = (([rng.sample(ok, 2) + [rng.choice(bad)]] if len(ok) >= 2 else [])
+                 + ([[rng.choice(ok)] + rng.sample(bad, 2)] if len(bad) >= 2 else []))
         for cands in picks:
             rng.shuffle(cands)
             prompt = chat(select_prompt(s, [c['raw'] for c in cands], style))

@@ -39,7 +39,8 @@ def _split_path(p:Path, split:str):
     for c in (p/split, p/f'{split}.jsonl', p/f'{split}.parquet'):
         if c.exists(): return c, None
     if (p/'dataset_dict.json').exists(): return p, split
-    raise RunError(f"{p}: no {split!r} split (expected {p/split}/, {p/split}.jsonl, {p/split}.parquet or a saved DatasetDict)")
+    raise RunError(f"{p}: no {split!r} split (expected {p/split}/, {p/split}.jsonl, "
+                   f"{p/split}.parquet or a saved DatasetDict)")
 
 def _read(name:str, split:str, domains:tuple, seed:int, limit) -> Samples:
     "All the questions of `split` of data set `name` (the world: `limit` of them)."
@@ -49,22 +50,26 @@ def _read(name:str, split:str, domains:tuple, seed:int, limit) -> Samples:
         return make_world(limit or WORLD_SIZE[split], seed=seed, cfg=wc, split=split)
     if name == 'm3cot': return load_m3cot(split, domains=list(domains) or None)
     if name == 'scienceqa': return load_scienceqa(split)
-    if not Path(name).exists(): raise RunError(f"unknown data {name!r}: one of {', '.join(DATASETS)} or an existing folder")
+    if not Path(name).exists():
+        raise RunError(f"unknown data {name!r}: one of {', '.join(DATASETS)} or an existing folder")
     try: return load_folder(*_split_path(Path(name), split))
     except (FileNotFoundError, ValueError) as e: raise RunError(f"{name}: {e}") from None
 
 def _no_questions(s:Samples, name:str, split:str) -> str:
     "Why `s` has no usable question, in one line."
-    why = '; '.join(f"{n} rejected for their {f}" for f, n in pd.Series([e.field for e in s.rejected]).value_counts().items())
+    why = '; '.join(f"{n} rejected for their {f}"
+                    for f, n in pd.Series([e.field for e in s.rejected]).value_counts().items())
     eg = f" (e.g. {s.rejected[0]})" if s.rejected else ''
     return f"data {name!r}, split {split!r}: no usable question among {s.n_records} records: {why or 'none'}{eg}"
 
 # %% ../nbs/12_loop.ipynb #ba8bac21
 def load_data(name:str, split:str='train', limit:int|None=None, seed:int=1, domains=()) -> Samples:
-    "The `split` ('train' or 'test') of data set `name`: 'embedded', 'm3cot', 'scienceqa' or a folder; `limit` questions drawn with `seed`."
+    """The `split` ('train' or 'test') of data set `name`: 'embedded', 'm3cot', 'scienceqa' or a folder; `limit`
+    questions drawn with `seed`."""
     if split not in ('train', 'test'): raise RunError(f"split must be 'train' or 'test', not {split!r}")
     s = _read(str(name), split, tuple(domains), seed, limit)
-    if domains and name != 'embedded': s = Samples([x for x in s if x.domain in domains], s.rejected, s.filtered, s.source)
+    if domains and name != 'embedded':
+        s = Samples([x for x in s if x.domain in domains], s.rejected, s.filtered, s.source)
     if not len(s): raise RunError(_no_questions(s, name, split))
     if limit is not None and limit < len(s) and name != 'embedded':
         keep = sorted(random.Random(seed).sample(range(len(s)), limit))
@@ -80,16 +85,19 @@ def context_size(model:str) -> int|None:
     return getattr(getattr(c, 'text_config', None) or c, 'max_position_embeddings', None)
 
 def _prompt_kinds(method:Method, split:str, s) -> list:
-    "(kind, distractor) of the prompts `method` shows question `s`: its own kind, and on training questions the longest negative."
+    """(kind, distractor) of the prompts `method` shows question `s`: its own kind, and on training questions the
+    longest negative."""
     kinds = [(method.kind, None)] + [('star', None)]*(split == 'train' and method.rationalize)
     wrong = max((w for w in range(len(s.choices)) if w != s.answer), key=lambda w: len(s.choices[w]))
     return kinds + [('negative' if method.caption else 'negative-nocap', wrong)]*(split == 'train' and method.negatives)
 
 def fit_context(s:Samples, cfg:STLConfig, split:str, batch:int=32) -> Samples:
-    "`s` without the questions whose longest prompt plus `max_new_tokens` exceeds the model's context: rejected, never cut."
+    """`s` without the questions whose longest prompt plus `max_new_tokens` exceeds the model's context: rejected, never
+    cut."""
     from stl_nb.generate import prompt_text
     if (limit := context_size(cfg.model)) is None: return s
-    vlm = processor_vlm(cfg.model)   # the processor as the run loads it: Qwen2.5-VL's images counted at the run's pixel cap
+    # the processor as the run loads it: Qwen2.5-VL's images counted at the run's pixel cap
+    vlm = processor_vlm(cfg.model)
     style, new = style_of(vlm), (cfg.gen if split == 'train' else cfg.eval_gen).max_new_tokens
     jobs = [(x, k, w) for x in s for k, w in _prompt_kinds(METHODS[cfg.method], split, x)]
     n = {}
@@ -97,21 +105,25 @@ def fit_context(s:Samples, cfg:STLConfig, split:str, batch:int=32) -> Samples:
         b = jobs[i:i+batch]
         ids = vlm._prompt_ids([x.image for x, _, _ in b], [chat(prompt_text(x, k, w, style)) for x, k, w in b])[0]
         for (x, _, _), row in zip(b, ids): n[x.id] = max(n.get(x.id, 0), len(row))
-    bad = [SampleError(x.id, 'question', f"its prompt is {n[x.id]} tokens (image included) and replies may take {new} more: "
-                       f"more than the model's {limit}-token context; prompts are never cut") for x in s if n[x.id] + new > limit]
+    bad = [SampleError(x.id, 'question',
+                       f"its prompt is {n[x.id]} tokens (image included) and replies may take {new} more: "
+                       f"more than the model's {limit}-token context; prompts are never cut")
+           for x in s if n[x.id] + new > limit]
     if not bad: return s
     out = {e.record_id for e in bad}
     return Samples([x for x in s if x.id not in out], list(s.rejected) + bad, s.filtered, s.source)
 
 # %% ../nbs/12_loop.ipynb #b32c44ce
 def prepare_out(cfg:STLConfig, overwrite:bool=False) -> Path:
-    "The run's folder, ready: new, or holding this config's run (to resume); another config's run is refused unless `overwrite`."
+    """The run's folder, ready: new, or holding this config's run (to resume); another config's run is refused unless
+    `overwrite`."""
     out = Path(cfg.out)
     held = (out/'config.json').exists()
     if held:
         diff = config_diff(filled(read_json(out/'config.json')), cfg.to_dict())
         if diff and not overwrite:
-            raise RunError(f"{out} holds a run of another config ({'; '.join(diff[:4])}{' ...' if len(diff) > 4 else ''}); "
+            raise RunError(f"{out} holds a run of another config "
+                           f"({'; '.join(diff[:4])}{' ...' if len(diff) > 4 else ''}); "
                            "use another out, or overwrite to delete it and start again")
     elif out.exists() and any(out.iterdir()):
         raise RunError(f"{out} is not empty and holds no run (no config.json); use another out")
@@ -132,7 +144,8 @@ class Run:
     progress: bool = True
     data: dict = field(default_factory=dict, repr=False)   # {'train': Samples, 'test': Samples}
     vlm: object = field(default=None, repr=False)          # the model in memory
-    in_memory: tuple|None = field(default=None, repr=False)  # what `vlm` is: ('model', adapter) (None: the base), ('merged', adapter) (06c); None: nothing
+    # what `vlm` is: ('model', adapter) (None: the base), ('merged', adapter) (06c); None: nothing
+    in_memory: tuple|None = field(default=None, repr=False)
     engine: object = field(default=None, repr=False)       # backend 'vllm': the run's engine and its processor-only VLM
     lora_ids: dict = field(default_factory=dict, repr=False)  # backend 'vllm': {adapter folder: its LoRA id}
 
@@ -166,11 +179,13 @@ class Run:
         "The base model (`adapter=None`) or the base with a round's adapter merged in; loaded unless it is in memory."
         if self.in_memory != ('model', adapter):
             self.free()
-            self.vlm, self.in_memory = load_model(self.cfg, None if adapter is None else self.out/adapter), ('model', adapter)
+            self.vlm, self.in_memory = (load_model(self.cfg, None if adapter is None else self.out/adapter),
+                                        ('model', adapter))
         return self.vlm
 
     def generator(self, adapter:str|None=None) -> tuple:
-        "(vlm, engine) generating with round `adapter`'s model: 'hf' the model in memory (engine None: `run_jobs`' own), 'vllm' its engine."
+        """(vlm, engine) generating with round `adapter`'s model: 'hf' the model in memory (engine None: `run_jobs`'
+        own), 'vllm' its engine."""
         # hf: chapter 06c's generation model, a merged 16-bit copy when it fits, else self.model(adapter);
         # vllm: the run's one engine with that adapter, the VLM only rendering prompts
         if self.cfg.backend == 'hf': return generation_model(self, adapter)
@@ -199,18 +214,21 @@ class Run:
 def load_model(cfg:STLConfig, adapter=None):
     "The run's model: the base, or the base with the `adapter` folder merged in (kept apart on a 4-bit base)."
     try: vlm = load_vlm(cfg.model, quant=cfg.quant, adapter=None if adapter is None else str(adapter))
-    except (OSError, ValueError) as e: raise RunError(f"cannot load model {cfg.model!r}: {str(e).strip().splitlines()[0]}") from None
+    except (OSError, ValueError) as e:
+        raise RunError(f"cannot load model {cfg.model!r}: {str(e).strip().splitlines()[0]}") from None
     return vlm if adapter is None else merge_adapter(vlm)
 
 def check_run(cfg:STLConfig):
-    "Refuse up front what cannot run: a model or data name that is none of the known kinds, 4-bit without bitsandbytes, vLLM absent."
+    """Refuse up front what cannot run: a model or data name that is none of the known kinds, 4-bit without
+    bitsandbytes, vLLM absent."""
     if cfg.model != 'embedded' and not Path(cfg.model).is_dir() and not re.fullmatch(r'[\w.-]+/[\w.-]+', cfg.model):
         raise RunError(f"model {cfg.model!r}: not 'embedded', an existing folder or a hub id (org/name)")
     if cfg.data not in DATASETS and not Path(cfg.data).exists():
         raise RunError(f"unknown data {cfg.data!r}: one of {', '.join(DATASETS)} or an existing folder")
     check_quant(cfg.quant)
     if cfg.backend == 'vllm' and importlib.util.find_spec('vllm') is None:
-        raise RunError("backend 'vllm' needs vLLM, which is not installed: `pip install vllm` on a machine with a GPU, or use backend 'hf'")
+        raise RunError("backend 'vllm' needs vLLM, which is not installed: `pip install vllm` on a machine with a GPU, "
+                       "or use backend 'hf'")
 
 def check_quant(quant):
     "Refuse '4bit' where bitsandbytes cannot run: not installed, or without a backend for this machine."
@@ -235,15 +253,18 @@ def direct_examples(samples, style) -> list:
 
 def rationalize(vlm, kept:list, samples, out_dir, cfg:GenConfig, rnd=None, adapter=None, progress:bool=True,
                 engine=None, per_question:int|None=None) -> list:
-    "STaR's second chance: the questions not answered right, asked again with the gold answer as a hint; those it reaches."
+    """STaR's second chance: the questions not answered right, asked again with the gold answer as a hint; those it
+    reaches."""
     right = {r['id'] for r in kept}
     missed = [s for s in samples if s.id not in right]
-    recs = generate(vlm, missed, Path(out_dir)/'rationalized.jsonl', cfg, ('star',), rnd, adapter, progress, engine=engine)
+    recs = generate(vlm, missed, Path(out_dir)/'rationalized.jsonl', cfg, ('star',), rnd, adapter, progress,
+                    engine=engine)
     return keep_correct(recs, samples, per_question=per_question)[0]
 
 # %% ../nbs/12_loop.ipynb #63a0d64f
 def pool_kept(rounds:list) -> tuple:
-    "(positives, negatives) of `rounds`' (kept positives, kept negatives), newest first: each question's records from the newest round keeping it."
+    """(positives, negatives) of `rounds`' (kept positives, kept negatives), newest first: each question's records from
+    the newest round keeping it."""
     positives, negatives, have = [], [], set()
     for kept, kept_negatives in rounds:
         new = {r['id'] for r in kept} - have
@@ -253,7 +274,8 @@ def pool_kept(rounds:list) -> tuple:
     return positives, negatives
 
 def kept_in(run:Run, rnd:int) -> tuple:
-    "Round `rnd`'s kept positives (rationalized ones included) and negatives, read back from its files and filtered as the round did."
+    """Round `rnd`'s kept positives (rationalized ones included) and negatives, read back from its files and filtered as
+    the round did."""
     m, train, d = run.method, run.samples('train'), run.dir(rnd)
     positives = keep_correct(read_records(d/'positives.jsonl'), train, m.strict, run.cfg.per_question)[0]
     positives += keep_correct(read_records(d/'rationalized.jsonl'), train, per_question=run.cfg.per_question)[0]
@@ -267,7 +289,8 @@ def sampling(cfg:GenConfig, m:Method) -> GenConfig:
     return replace(cfg, n=m.samples, temperature=m.temperature, top_p=m.top_p)
 
 def r3v_data(run:Run, rnd:int) -> list:
-    "R3V's round: sampled replies to every training question, pooled with earlier rounds', made into self-CoT, refine, select examples."
+    """R3V's round: sampled replies to every training question, pooled with earlier rounds', made into self-CoT, refine,
+    select examples."""
     m, train, prev = run.method, run.samples('train'), run.adapter(rnd - 1)
     vlm, engine = run.generator(prev)
     generate(vlm, train, run.dir(rnd)/'positives.jsonl', sampling(run.cfg.gen, m), (m.kind,), rnd, prev, run.progress,
@@ -286,11 +309,12 @@ def majority(answers:list) -> int|None:
     return counts.most_common(1)[0][0] if counts else None
 
 def test_selection(run:Run, rnd:int, adapter:str|None) -> dict:
-    "R3V at test time: `samples` sampled replies a test question, then a greedy select prompt over them: select@k, majority@k, oracle@k."
+    """R3V at test time: `samples` sampled replies a test question, then a greedy select prompt over them: select@k,
+    majority@k, oracle@k."""
     test, d, m = run.samples('test'), run.dir(rnd), run.method
     vlm, engine = run.generator(adapter)
-    recs = generate(vlm, test, d/'test_samples.jsonl', sampling(run.cfg.eval_gen, m), (m.kind,), rnd, adapter, run.progress,
-                    engine=engine)
+    recs = generate(vlm, test, d/'test_samples.jsonl', sampling(run.cfg.eval_gen, m), (m.kind,), rnd, adapter,
+                    run.progress, engine=engine)
     of = {}                                   # each test question's sampled records
     for r in recs: of.setdefault(r['id'], []).append(r)
     asked = [replace(s, meta=s.meta | dict(predictions=[r['raw'] for r in of[s.id]])) for s in test]
@@ -350,7 +374,8 @@ def evaluate_round(run:Run, rnd:int, adapter:str|None, examples:list, t0:float) 
     recs = generate(vlm, test, d/'test.jsonl', run.cfg.eval_gen, (kind,), rnd, adapter, run.progress, engine=engine)
     sc = score(recs, test, caption=run.method.caption, kind=kind)
     if is_main(): write_atomic(d/'scores.csv', sc.frame().to_csv())
-    selection = test_selection(run, rnd, adapter) if run.method.reflect and rnd else {}   # R3V: select@3 from round 1 on
+    # R3V: select@3 from round 1 on
+    selection = test_selection(run, rnd, adapter) if run.method.reflect and rnd else {}
     neg = sum(e.kind.startswith('negative') for e in examples)
     reflect = {f'n_{k}': sum(e.kind == k for e in examples) for k in ('refine', 'select')}
     row = round_row(sc, rnd, len(examples) - neg - sum(reflect.values()), neg, round(time.time() - t0, 1))
@@ -376,7 +401,8 @@ def log_round(run:Run, row:dict):
         line += f" (round 0: {percent(run.row(0)['accuracy'])})"
         if 'select_accuracy' in row: line += f", select@{row['samples']} {percent(row['select_accuracy'])}"
         if 'n_refine' in row:   # R3V: rationales, refine and select examples
-            line += f", trained on {row['n_positive']} rationales + {row['n_refine']} refine + {row['n_select']} select examples"
+            line += (f", trained on {row['n_positive']} rationales + {row['n_refine']} refine + "
+                     f"{row['n_select']} select examples")
         elif row['n_positive'] + row['n_negative']:
             line += f", trained on {row['n_positive']} positives + {row['n_negative']} negatives"
         else: line += ", kept no positives: nothing to train on, so this round's model is the base"
@@ -398,7 +424,8 @@ def run_stl(cfg:STLConfig, overwrite:bool=False, progress:bool=True) -> dict:
     for rnd in range(run.n_rounds + 1):
         if run.done(rnd): continue
         t0, ran = time.time(), True
-        examples = make_data(run, rnd) if rnd else []                 # see, think: the last model's kept rationales, negatives
+        # see, think: the last model's kept rationales, negatives
+        examples = make_data(run, rnd) if rnd else []
         adapter = train_round(run, rnd, examples) if rnd else None    # learn: LoRA on a fresh base
         log_round(run, evaluate_round(run, rnd, adapter, examples, t0))   # score on the test split
         write_metrics(run)
@@ -412,13 +439,16 @@ def run_stl(cfg:STLConfig, overwrite:bool=False, progress:bool=True) -> dict:
 _SHARED = {0: ('test.jsonl', 'scores.csv', 'metrics.json'), 1: ('positives.jsonl',)}
 
 def share_files(cfg:STLConfig, donors:list) -> list:
-    "Copy into `cfg`'s fresh run what a finished run of the same seed computed identically: round 0, round 1's rationales."
+    """Copy into `cfg`'s fresh run what a finished run of the same seed computed identically: round 0, round 1's
+    rationales."""
     me, copied = METHODS[cfg.method], []
     for d in donors:
         them = METHODS[read_json(Path(d)/'config.json')['method']]
         if read_json(Path(d)/'config.json')['seed'] != cfg.seed or them.kind != me.kind: continue
         for rnd, names in _SHARED.items():
-            if rnd == 1 and (me.target != 'rationale' or not me.trains or (me.samples, me.reflect) != (them.samples, them.reflect)): continue
+            if rnd == 1 and (me.target != 'rationale' or not me.trains
+                             or (me.samples, me.reflect) != (them.samples, them.reflect)):
+                continue
             for n in names:
                 src, dst = Path(d)/round_name(rnd)/n, Path(cfg.out)/round_name(rnd)/n
                 if src.exists() and not dst.exists() and not (dst.parent/'metrics.json').exists():

@@ -49,7 +49,8 @@ class VLM:
         p, tok = self.processor, self.processor.tokenizer
         self.kind = self.kind or _kind(self.model, p)
         self.image_token = self.image_token or getattr(p, 'image_token', None)
-        if self.image_token_id is None and self.image_token: self.image_token_id = tok.convert_tokens_to_ids(self.image_token)
+        if self.image_token_id is None and self.image_token:
+            self.image_token_id = tok.convert_tokens_to_ids(self.image_token)
         self.end_marker = self.end_marker or _end_marker(p)
         if self.eos_token_ids is None:
             gen = getattr(getattr(self.model, 'generation_config', None), 'eos_token_id', None)
@@ -66,7 +67,8 @@ class VLM:
         return getattr(self.model, 'device', None) or next(self.model.parameters()).device
 
     def __repr__(self):
-        n = '' if self.model is None else f", params={sum(p.numel() for p in self.model.parameters())/1e6:.1f}M, device={self.device}"
+        n = ('' if self.model is None
+             else f", params={sum(p.numel() for p in self.model.parameters())/1e6:.1f}M, device={self.device}")
         return (f"VLM(name={self.name!r}, kind={self.kind!r}{n}, image_token={self.image_token!r}, "
                 f"end_marker={self.end_marker!r}, eos_token_ids={self.eos_token_ids})")
 
@@ -102,7 +104,8 @@ def _target_ids(self:VLM, targets, prompt_lens, max_length=None):
     whole = self.tokenizer([t + self.end_marker for t in targets], add_special_tokens=False).input_ids
     fitted = [_fit(l, t, max_length, i) for i, (l, t) in enumerate(zip(prompt_lens, whole))]
     if cut := [i for i, (f, w) in enumerate(zip(fitted, whole)) if len(f) < len(w)]:
-        warnings.warn(f"{len(cut)} target(s) shortened to fit max_length={max_length} (examples {cut}); their end marker is dropped")
+        warnings.warn(f"{len(cut)} target(s) shortened to fit max_length={max_length} (examples {cut}); "
+                      "their end marker is dropped")
     return fitted
 
 def _pad(x, n, value, side):
@@ -111,19 +114,23 @@ def _pad(x, n, value, side):
 
 # %% ../nbs/03_models.ipynb #807e95ed
 @patch
-def encode(self:VLM, images, messages_list, targets=None, padding_side='left', add_generation_prompt=True, max_length=None):
-    "A batch for the model: prompts by its chat template, image tokens expanded, and `labels` on the `targets` (+ end marker) only."
+def encode(self:VLM, images, messages_list, targets=None, padding_side='left', add_generation_prompt=True,
+           max_length=None):
+    """A batch for the model: prompts by its chat template, image tokens expanded, and `labels` on the `targets` (+ end
+    marker) only."""
     import torch
     from transformers import BatchFeature
     n = len(messages_list)
     if images is not None and len(images) != n: raise ValueError(f"{len(images)} images for {n} conversations")
     if targets is not None and len(targets) != n: raise ValueError(f"{len(targets)} targets for {n} conversations")
-    if padding_side not in ('left', 'right'): raise ValueError(f"padding_side must be 'left' or 'right', not {padding_side!r}")
+    if padding_side not in ('left', 'right'):
+        raise ValueError(f"padding_side must be 'left' or 'right', not {padding_side!r}")
     prompts, per_token, rest = self._prompt_ids(images, messages_list, add_generation_prompt)
     tgts = [[]]*n if targets is None else self._target_ids(targets, [len(p) for p in prompts], max_length)
     L, pad_id = max(len(p) + len(t) for p, t in zip(prompts, tgts)), self.tokenizer.pad_token_id
     col = lambda rows, v: torch.tensor([_pad(r, L, v, padding_side) for r in rows])
-    out = dict(input_ids=col([p + t for p, t in zip(prompts, tgts)], self.eos_token_ids[0] if pad_id is None else pad_id),
+    out = dict(input_ids=col([p + t for p, t in zip(prompts, tgts)],
+                             self.eos_token_ids[0] if pad_id is None else pad_id),
                attention_mask=col([[1]*(len(p) + len(t)) for p, t in zip(prompts, tgts)], 0))
     out.update({k: col([x + [0]*len(t) for x, t in zip(v, tgts)], 0) for k, v in per_token.items()})
     if targets is not None: out['labels'] = col([[-100]*len(p) + t for p, t in zip(prompts, tgts)], -100)
@@ -144,7 +151,8 @@ def show_labels(self:VLM, batch, i=0) -> str:
     "Row `i` of `batch` as runs of padding, image tokens, masked prompt and trained target text."
     ids, mask = batch['input_ids'][i].tolist(), batch['attention_mask'][i].tolist()
     labels = batch['labels'][i].tolist() if 'labels' in batch else [-100]*len(ids)
-    kind = lambda j: 'pad' if not mask[j] else 'image' if ids[j] == self.image_token_id else 'prompt' if labels[j] == -100 else 'target'
+    kind = lambda j: ('pad' if not mask[j] else 'image' if ids[j] == self.image_token_id
+                      else 'prompt' if labels[j] == -100 else 'target')
     runs = []
     for j in range(len(ids)):
         if runs and runs[-1][0] == kind(j): runs[-1][1].append(ids[j])
@@ -158,21 +166,25 @@ def _skeleton(config, trust_remote_code=False):
     "The model of `config` on the meta device: its modules and shapes, no memory."
     import torch
     from transformers import AutoModelForImageTextToText
-    with torch.device('meta'): return AutoModelForImageTextToText.from_config(config, trust_remote_code=trust_remote_code)
+    with torch.device('meta'):
+        return AutoModelForImageTextToText.from_config(config, trust_remote_code=trust_remote_code)
 
 _VISION_SIDE = ('vision_tower', 'visual', 'vision_model', 'multi_modal_projector', 'mm_projector', 'lm_head')
 
 def _keep_16bit(model) -> list:
-    "Full paths of the modules 4-bit loading must skip: all but the language model (vision tower, projector) and the heads."
+    """Full paths of the modules 4-bit loading must skip: all but the language model (vision tower, projector) and the
+    heads."""
     inner = getattr(model, 'model', None)
-    if inner is None or not hasattr(inner, 'language_model'):  # older layouts: find the vision side and the head by name
+    # older layouts: find the vision side and the head by name
+    if inner is None or not hasattr(inner, 'language_model'):
         return [n for n, _ in model.named_modules() if n.split('.')[-1] in _VISION_SIDE]
     return [f'model.{n}' for n, _ in inner.named_children() if n != 'language_model'] + \
            [n for n, _ in model.named_children() if n != 'model']
 
 # %% ../nbs/03_models.ipynb #c64c1598
 def bnb_config(compute_dtype='bfloat16', config=None, skip_modules=None):
-    "QLoRA's 4-bit recipe: NF4, double quantization, `compute_dtype` matmuls; `config`'s vision tower, projector and head stay 16-bit."
+    """QLoRA's 4-bit recipe: NF4, double quantization, `compute_dtype` matmuls; `config`'s vision tower, projector and
+    head stay 16-bit."""
     from transformers import BitsAndBytesConfig
     if skip_modules is None and config is not None: skip_modules = _keep_16bit(_skeleton(config))
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type='nf4', bnb_4bit_use_double_quant=True,
@@ -258,36 +270,43 @@ def _open(name_or_path, min_pixels=None, max_pixels=None, trust_remote_code=Fals
 
 def load_vlm(name_or_path='embedded', quant=None, dtype=None, device_map=None, trust_remote_code=False, adapter=None,
              min_pixels=None, max_pixels=None) -> VLM:
-    "Load a VLM and its processor: LLaVA-1.5 and Qwen2.5-VL first-class, any image-text-to-text model with a chat template."
+    """Load a VLM and its processor: LLaVA-1.5 and Qwen2.5-VL first-class, any image-text-to-text model with a chat
+    template."""
     import transformers
     if quant not in (None, '4bit'): raise ValueError(f"quant must be None or '4bit', not {quant!r}")
     path, config, kind, processor = _open(name_or_path, min_pixels, max_pixels, trust_remote_code)
     device_map, dtype = _placement(device_map, dtype)
     cls = getattr(transformers, MODEL_CLASSES.get(config.model_type, 'AutoModelForImageTextToText'))
     kw = dict(quantization_config=bnb_config(dtype, config)) if quant == '4bit' else {}
-    model = cls.from_pretrained(path, config=config, dtype=dtype, device_map=device_map, trust_remote_code=trust_remote_code, **kw)
+    model = cls.from_pretrained(path, config=config, dtype=dtype, device_map=device_map,
+                                trust_remote_code=trust_remote_code, **kw)
     if adapter is not None:
         from peft import PeftModel
         model = PeftModel.from_pretrained(model, str(adapter))
     return VLM(model, processor, name=str(name_or_path), kind=kind, style=read_style(path))
 
 def processor_vlm(name_or_path='embedded', min_pixels=None, max_pixels=None, trust_remote_code=False) -> VLM:
-    "`load_vlm` without the weights: the processor (pixel-capped alike), prompt style and stop tokens, to render and count prompts."
+    """`load_vlm` without the weights: the processor (pixel-capped alike), prompt style and stop tokens, to render and
+    count prompts."""
     path, _, kind, processor = _open(name_or_path, min_pixels, max_pixels, trust_remote_code)
     return VLM(None, processor, name=str(name_or_path), kind=kind, style=read_style(path))
 
 # %% ../nbs/03_models.ipynb #343c53f5
-TINY_TEXT = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+TINY_TEXT = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, head_dim=16)
 TINY_VISION = {'llava': dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2),
-               'qwen2_5_vl': dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64, fullatt_block_indexes=[0])}
+               'qwen2_5_vl': dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
+                                  fullatt_block_indexes=[0])}
 
 def shrunk_config(src, **text):
-    "The real config of `src` (a folder or hub id) with every size shrunk, in float32; `text` overrides the sizes of `TINY_TEXT`."
+    """The real config of `src` (a folder or hub id) with every size shrunk, in float32; `text` overrides the sizes of
+    `TINY_TEXT`."""
     import torch
     from transformers import AutoConfig
     c = AutoConfig.from_pretrained(src)
     kind = _KINDS.get(c.model_type)
-    if kind not in TINY_VISION: raise ValueError(f"{src}: shrunk_config knows {' and '.join(TINY_VISION)} configs, not {c.model_type!r}")
+    if kind not in TINY_VISION:
+        raise ValueError(f"{src}: shrunk_config knows {' and '.join(TINY_VISION)} configs, not {c.model_type!r}")
     c.vision_config.update(TINY_VISION[kind]); c.text_config.update({**TINY_TEXT, **text})
     if kind == 'qwen2_5_vl':   # every layer attends fully, and the rotary sections must add up to half a head
         t = c.text_config; n, half = t.num_hidden_layers, t.head_dim // 2
@@ -298,7 +317,8 @@ def shrunk_config(src, **text):
     return c
 
 def tiny_model(src, out, seed:int=0, **text) -> Path:
-    "Save in `out` a model of `src`'s real class with random weights (`shrunk_config`), and `src`'s real processor; the folder."
+    """Save in `out` a model of `src`'s real class with random weights (`shrunk_config`), and `src`'s real processor;
+    the folder."""
     import torch
     from transformers import AutoModelForImageTextToText, AutoProcessor
     torch.manual_seed(seed)
@@ -308,7 +328,8 @@ def tiny_model(src, out, seed:int=0, **text) -> Path:
 
 # %% ../nbs/03_models.ipynb #d27f44c0
 GPUS = {'T4': 15.8e9, 'L4': 23.7e9, 'A10G': 23.7e9, 'A100-40': 42.5e9, 'A100-80': 85.1e9, 'H100-80': 85.1e9}
-NF4_BYTES = 0.5 + 1/64 + 4/(64*256)  # 4-bit weight + 8-bit scale per 64-block + fp32 scale per 256 scales (double quant)
+# 4-bit weight + 8-bit scale per 64-block + fp32 scale per 256 scales (double quant)
+NF4_BYTES = 0.5 + 1/64 + 4/(64*256)
 
 @dataclass
 class MemoryPlan:
@@ -330,28 +351,33 @@ class MemoryPlan:
     @property
     def max_batch(self) -> int:
         "The largest batch of `seq_len` tokens that fits (activations grow linearly with the batch)."
-        return max(0, int((self.gpu_bytes - self.weights - self.lora - self.reserve)/(self.activations/self.batch_size)))
+        return max(0, int((self.gpu_bytes - self.weights - self.lora - self.reserve)
+                          / (self.activations/self.batch_size)))
 
     def row(self):
         g = lambda x: f"{x/1e9:6.2f}"
-        return (f"{self.name:<24} {self.params/1e9:5.2f}B {self.gpu:<8} {g(self.weights)} {g(self.lora)} {g(self.activations)} "
+        return (f"{self.name:<24} {self.params/1e9:5.2f}B {self.gpu:<8} "
+                f"{g(self.weights)} {g(self.lora)} {g(self.activations)} "
                 f"{g(self.total)} / {self.gpu_bytes/1e9:5.1f}  {'yes' if self.fits else 'NO':>4} {self.max_batch:>9}")
     @staticmethod
     def table(plans):
         "Several plans as one table (GB)."
-        head = f"{'model':<24} {'params':>6} {'gpu':<8} {'weights':>6} {'lora':>6} {'activ.':>6} {'total':>6} / {'gpu':>5}  {'fits':>4} {'max batch':>9}"
+        head = (f"{'model':<24} {'params':>6} {'gpu':<8} {'weights':>6} {'lora':>6} {'activ.':>6} {'total':>6} "
+                f"/ {'gpu':>5}  {'fits':>4} {'max batch':>9}")
         return '\n'.join([head] + [p.row() for p in plans])
 
     def __repr__(self):
         g = lambda x: f"{x/1e9:6.2f} GB"
         return '\n'.join([
-            f"MemoryPlan: {self.name} on {self.gpu} ({self.gpu_bytes/1e9:.1f} GB), batch {self.batch_size} × {self.seq_len} tokens, LoRA r={self.lora_r}",
-            f"  weights      {g(self.weights)}  {self.params_4bit/1e9:.2f} B params in NF4 + {(self.params - self.params_4bit)/1e9:.2f} B in 16-bit",
+            f"MemoryPlan: {self.name} on {self.gpu} ({self.gpu_bytes/1e9:.1f} GB), "
+            f"batch {self.batch_size} × {self.seq_len} tokens, LoRA r={self.lora_r}",
+            f"  weights      {g(self.weights)}  {self.params_4bit/1e9:.2f} B params in NF4 + "
+            f"{(self.params - self.params_4bit)/1e9:.2f} B in 16-bit",
             f"  LoRA         {g(self.lora)}  {self.lora_params/1e6:.1f} M params + grads + Adam, fp32",
             f"  activations  {g(self.activations)}  gradient checkpointing, logits included",
             f"  reserve      {g(self.reserve)}  CUDA context, fragmentation",
-            f"  total        {g(self.total)}  {'fits' if self.fits else 'does NOT fit'} ({(self.gpu_bytes - self.total)/1e9:+.1f} GB to spare; "
-            f"largest batch that fits: {self.max_batch})"])
+            f"  total        {g(self.total)}  {'fits' if self.fits else 'does NOT fit'} "
+            f"({(self.gpu_bytes - self.total)/1e9:+.1f} GB to spare; largest batch that fits: {self.max_batch})"])
 
 # %% ../nbs/03_models.ipynb #71232e04
 def _lm_linears(model, keep):
@@ -360,18 +386,23 @@ def _lm_linears(model, keep):
     return [(m.in_features, m.out_features) for n, m in model.named_modules()
             if isinstance(m, torch.nn.Linear) and not any(n == k or n.startswith(k + '.') for k in keep)]
 
-def plan_memory(config_or_name, gpu='T4', batch_size=1, seq_len=1024, lora_r=16, reserve=1e9, trust_remote_code=False) -> MemoryPlan:
-    "Estimate whether QLoRA training of a VLM fits a GPU ('T4', 'A100-40', 'A100-80', ... or bytes), from its config alone."
+def plan_memory(config_or_name, gpu='T4', batch_size=1, seq_len=1024, lora_r=16, reserve=1e9,
+                trust_remote_code=False) -> MemoryPlan:
+    """Estimate whether QLoRA training of a VLM fits a GPU ('T4', 'A100-40', 'A100-80', ... or bytes), from its config
+    alone."""
     from transformers import AutoConfig, PretrainedConfig
     cfg = config_or_name if isinstance(config_or_name, PretrainedConfig) else \
           AutoConfig.from_pretrained(_resolve(config_or_name), trust_remote_code=trust_remote_code)
-    name = Path(str(config_or_name)).name if isinstance(config_or_name, (str, Path)) else Path(cfg.name_or_path or cfg.model_type).name
-    if isinstance(gpu, str) and gpu not in GPUS: raise ValueError(f"unknown gpu {gpu!r}: one of {list(GPUS)} or a number of bytes")
+    name = (Path(str(config_or_name)).name if isinstance(config_or_name, (str, Path))
+            else Path(cfg.name_or_path or cfg.model_type).name)
+    if isinstance(gpu, str) and gpu not in GPUS:
+        raise ValueError(f"unknown gpu {gpu!r}: one of {list(GPUS)} or a number of bytes")
     model = _skeleton(cfg, trust_remote_code)
     lin = _lm_linears(model, _keep_16bit(model))
     params, q = sum(p.numel() for p in model.parameters()), sum(i*o for i, o in lin)
     tc = cfg.get_text_config()
-    h, inter, layers, vocab, tokens = tc.hidden_size, tc.intermediate_size, tc.num_hidden_layers, tc.vocab_size, batch_size*seq_len
+    h, inter, layers, vocab, tokens = (tc.hidden_size, tc.intermediate_size, tc.num_hidden_layers, tc.vocab_size,
+                                       batch_size*seq_len)
     act = tokens*(2*layers*h + 4*(10*h + 4*inter) + 12*vocab)
     lora = lora_r*sum(i + o for i, o in lin)
     return MemoryPlan(name, gpu if isinstance(gpu, str) else f"{gpu/1e9:.0f}GB", GPUS.get(gpu, gpu), params, q, lora,

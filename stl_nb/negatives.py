@@ -35,22 +35,26 @@ def _negative_example(r:dict, s:Sample, style:PromptStyle) -> tuple:
     return (s.image, chat(prompt), render_negative(n.caption, n.explanation, caption_section=cap))
 
 def negative_examples(records:list, samples, style:PromptStyle=PromptStyle()) -> list:
-    "Training examples of kept negative records: image, the prompt with the correct answer removed, caption + explanation."
+    """Training examples of kept negative records: image, the prompt with the correct answer removed, caption +
+    explanation."""
     if bad := [r['kind'] for r in records if not r['kind'].startswith('negative')]:
-        raise ValueError(f"{len(bad)} records of kind {bad[0]!r}: their examples come from stl_nb.keep.positive_examples")
+        raise ValueError(f"{len(bad)} records of kind {bad[0]!r}: "
+                         "their examples come from stl_nb.keep.positive_examples")
     by_id = index_samples(samples)
     return [_negative_example(r, sample_of(by_id, r), style) for r in records]
 
 # %% ../nbs/08_negatives.ipynb #cef7608e
 def make_negatives(vlm, kept:list, samples, out, cfg:GenConfig=GenConfig(), caption:bool=True, rnd=None, adapter=None,
                    progress:bool=True, on_batch=None, engine=None) -> list:
-    "Negative records for every wrong option of the `kept` records' questions, written to (and resumed from) `out`; `engine`: a faster engine (08a, 06a)."
+    """Negative records for every wrong option of the `kept` records' questions, written to (and resumed from) `out`;
+    `engine`: a faster engine (08a, 06a)."""
     jobs = negative_jobs(kept, samples, cfg.n, caption)
     return run_jobs(vlm, jobs, out, cfg, engine or reply_jobs, rnd, adapter, progress, on_batch)
 
 # %% ../nbs/08_negatives.ipynb #7a21234b
 def blamed_option(explanation:str, choices:list) -> str|None:
-    "The letter of the option `explanation` calls wrong: its last 'option (x)', else the option its last 'so ... is wrong' names."
+    """The letter of the option `explanation` calls wrong: its last 'option (x)', else the option its last 'so ... is
+    wrong' names."""
     named = named_option(explanation)
     if named is not None: return named
     found = re.findall(r'so (?:option )?([^.,]+?) is (?:wrong|incorrect|not correct)', str(explanation or '').lower())
@@ -74,12 +78,14 @@ def audit_one(r:dict, s:Sample, cfg:WorldConfig=WorldConfig()) -> dict:
     flags = dict(names_distractor=blamed == r['wrong'], mentions_distractor=mentions_option(e, s.choices[w]),
                  blames_answer=blamed == s.answer_letter, explanation_hallucinates=bool(hallucinations(e, scene, cfg)))
     if n.caption is None: return flags
-    return flags | dict(caption_hallucinates=bool(hallucinations(n.caption, scene, cfg)), caption_misses=bool(missing_needs(n.caption, s, cfg)))
+    return flags | dict(caption_hallucinates=bool(hallucinations(n.caption, scene, cfg)),
+                        caption_misses=bool(missing_needs(n.caption, s, cfg)))
 
 # %% ../nbs/08_negatives.ipynb #308d43be
 @dataclass
 class NegativeAudit:
-    "How many negatives were audited, and how many raised each `AUDIT` flag (caption flags out of those with a caption)."
+    """How many negatives were audited, and how many raised each `AUDIT` flag (caption flags out of those with a
+    caption)."""
     n: int = 0
     n_captions: int = 0
     counts: dict = field(default_factory=lambda: dict.fromkeys(AUDIT, 0))
@@ -89,8 +95,9 @@ class NegativeAudit:
         return self.counts[flag] / d if d else None
 
     def __repr__(self):
-        row = lambda f: f"{AUDIT[f]:<56}{self.counts[f]:>5} / {self.n_captions if f.startswith('caption') else self.n:<5}" + \
-                        ('' if self.rate(f) is None else f"{100*self.rate(f):6.1f}%")
+        row = lambda f: (f"{AUDIT[f]:<56}{self.counts[f]:>5} / "
+                         f"{self.n_captions if f.startswith('caption') else self.n:<5}"
+                         + ('' if self.rate(f) is None else f"{100*self.rate(f):6.1f}%"))
         return '\n'.join(row(f) for f in AUDIT)
 
 def audit_negatives(records:list, samples, cfg:WorldConfig=WorldConfig()) -> NegativeAudit:
@@ -98,7 +105,8 @@ def audit_negatives(records:list, samples, cfg:WorldConfig=WorldConfig()) -> Neg
     by_id, a = index_samples(samples), NegativeAudit()
     for r in records:
         s = sample_of(by_id, r)
-        if 'scene' not in s.meta: raise SampleError(s.id, 'meta', "has no scene graph: the audit needs samples of the embedded world")
+        if 'scene' not in s.meta:
+            raise SampleError(s.id, 'meta', "has no scene graph: the audit needs samples of the embedded world")
         f = audit_one(r, s, cfg)
         a.n += 1; a.n_captions += 'caption_misses' in f
         for k, v in f.items(): a.counts[k] += v
@@ -111,15 +119,18 @@ def stated_answer(explanation:str|None) -> str|None:
     return found[-1] if found else None
 
 def consistent_negative(r:dict, s:Sample, positive_caption:str|None) -> bool:
-    "No ground truth needed: the negative's caption is its kept positive's caption, and it states no answer but the correct one."
+    """No ground truth needed: the negative's caption is its kept positive's caption, and it states no answer but the
+    correct one."""
     n = parse_negative(r['raw'], caption=r['kind'] == 'negative')
     if n.caption is not None and words(n.caption) != words(positive_caption or ''): return False
     said = stated_answer(n.explanation)
     return said is None or words(said) == words(s.answer_text)
 
 def faithful_negative(r:dict, s:Sample, cfg:WorldConfig=WorldConfig()) -> bool:
-    "The oracle (embedded world only): the explanation blames its distractor, and nothing it or the caption says is absent from the scene."
-    if 'scene' not in s.meta: raise SampleError(s.id, 'meta', "has no scene graph: the faithful check needs the embedded world")
+    """The oracle (embedded world only): the explanation blames its distractor, and nothing it or the caption says is
+    absent from the scene."""
+    if 'scene' not in s.meta:
+        raise SampleError(s.id, 'meta', "has no scene graph: the faithful check needs the embedded world")
     f = audit_one(r, s, cfg)
     return f['names_distractor'] and not f['explanation_hallucinates'] and not f.get('caption_hallucinates', False)
 
@@ -128,7 +139,8 @@ NEGATIVE_CHECKS = ('consistent', 'faithful')
 def check_negatives(negatives:list, positives:list, samples, how:str|None=None) -> list:
     "The kept `negatives` that pass check `how` ('consistent' or 'faithful'; None keeps them all), in order."
     if how is None: return list(negatives)
-    if how not in NEGATIVE_CHECKS: raise ValueError(f"unknown negative check {how!r}; one of {', '.join(NEGATIVE_CHECKS)}")
+    if how not in NEGATIVE_CHECKS:
+        raise ValueError(f"unknown negative check {how!r}; one of {', '.join(NEGATIVE_CHECKS)}")
     by_id = index_samples(samples)
     caption_of = {}
     for r in positives: caption_of.setdefault(r['id'], r.get('caption'))
@@ -142,7 +154,8 @@ def check_negatives(negatives:list, positives:list, samples, how:str|None=None) 
 # %% ../nbs/08_negatives.ipynb #18249299
 @dataclass
 class RoundData:
-    "What a round's generation gave: records, the kept ones, the filter reports, the negatives' audit, where the files are."
+    """What a round's generation gave: records, the kept ones, the filter reports, the negatives' audit, where the files
+    are."""
     out_dir: Path
     positives: list                # every positive record
     kept: list                     # those `keep_correct` kept
@@ -155,27 +168,33 @@ class RoundData:
 
     def examples(self, samples) -> list:
         "The round's training examples: kept rationales, then kept negatives in their training form."
-        return positive_examples(self.kept, samples, self.style) + negative_examples(self.kept_negatives, samples, self.style)
+        return (positive_examples(self.kept, samples, self.style)
+                + negative_examples(self.kept_negatives, samples, self.style))
 
 # %% ../nbs/08_negatives.ipynb #e3cee5bc
 def _summary(rd:RoundData, cfg:GenConfig, neg_cfg:GenConfig, caption:bool, rnd, model:str) -> dict:
     "The settings and counts of a round, for `round.json`."
-    rep = lambda r: dict(generated=r.generated, kept=r.kept, dropped=dict(r.by_reason), by_domain={d: dict(c) for d, c in r.counts.items()})
-    return dict(round=rnd, model=model, caption=caption, gen=asdict(cfg), negative_gen=asdict(neg_cfg), positives=rep(rd.report),
-                negatives=rep(rd.negative_report), audit=None if rd.audit is None else {f: rd.audit.rate(f) for f in AUDIT})
+    rep = lambda r: dict(generated=r.generated, kept=r.kept, dropped=dict(r.by_reason),
+                         by_domain={d: dict(c) for d, c in r.counts.items()})
+    return dict(round=rnd, model=model, caption=caption, gen=asdict(cfg), negative_gen=asdict(neg_cfg),
+                positives=rep(rd.report), negatives=rep(rd.negative_report),
+                audit=None if rd.audit is None else {f: rd.audit.rate(f) for f in AUDIT})
 
 def generate_round(vlm, samples, out_dir, cfg:GenConfig=GenConfig(), caption:bool=True, negatives:bool=True,
                    neg_cfg:GenConfig|None=None, rnd=None, adapter=None, progress:bool=True,
                    strict:bool=False, engine=None, per_question:int|None=None, neg_engine=None) -> RoundData:
-    "A round's generation: positives for `samples`, the correctness filter, negatives of the kept questions, their filter and audit; `neg_engine`: the negatives' engine (default `engine`; the loop passes 08a's `reply_shared`)."
+    """A round's generation: positives for `samples`, the correctness filter, negatives of the kept questions, their
+    filter and audit; `neg_engine`: the negatives' engine (default `engine`; the loop passes 08a's `reply_shared`)."""
     out, neg_cfg, samples = Path(out_dir), neg_cfg or cfg, list(samples)
-    pos = generate(vlm, samples, out/'positives.jsonl', cfg, ('positive' if caption else 'positive-nocap',), rnd, adapter, progress,
-                   engine=engine)
-    kept, report = keep_correct(pos, samples, strict, per_question)   # strict: also drop conclusions whose words contradict their letter
+    pos = generate(vlm, samples, out/'positives.jsonl', cfg, ('positive' if caption else 'positive-nocap',), rnd,
+                   adapter, progress, engine=engine)
+    # strict: also drop conclusions whose words contradict their letter
+    kept, report = keep_correct(pos, samples, strict, per_question)
     neg = make_negatives(vlm, kept, samples, out/'negatives.jsonl', neg_cfg, caption, rnd, adapter, progress,
                          engine=neg_engine or engine) if negatives else []
     kept_neg, neg_report = keep_correct(neg, samples)
     audit = audit_negatives(kept_neg, samples) if samples and all('scene' in s.meta for s in samples) else None
     rd = RoundData(out, pos, kept, report, neg, kept_neg, neg_report, audit, style_of(vlm))
-    if is_main(): write_atomic(out/'round.json', json.dumps(_summary(rd, cfg, neg_cfg, caption, rnd, vlm.name), indent=1))
+    if is_main():
+        write_atomic(out/'round.json', json.dumps(_summary(rd, cfg, neg_cfg, caption, rnd, vlm.name), indent=1))
     return rd

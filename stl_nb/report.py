@@ -93,8 +93,8 @@ def domain_table(m:dict) -> pd.DataFrame:
 def selection_table(m:dict) -> pd.DataFrame:
     "R3V's test-time lines (rows: Test@1, select@k, majority@k, oracle@k) per round (columns), in %."
     k = next((r.get('samples') for r in m['rounds'] if r.get('samples')), 3)
-    names = {'accuracy': 'Test@1 (greedy)', 'select_accuracy': f'select@{k}', 'majority_accuracy': f'majority@{k} (reference)',
-             'oracle_accuracy': f'oracle@{k} (reference)'}
+    names = {'accuracy': 'Test@1 (greedy)', 'select_accuracy': f'select@{k}',
+             'majority_accuracy': f'majority@{k} (reference)', 'oracle_accuracy': f'oracle@{k} (reference)'}
     cols = {f"round {r['round']}": {name: _pc(r.get(key)) for key, name in names.items()} for r in m['rounds']}
     return pd.DataFrame(cols).rename_axis('R3V')
 
@@ -176,8 +176,9 @@ def report_text(run, m:dict, figs:list, cards:list) -> str:
              '## Accuracy per domain (%)', '', markdown_table(domain_table(m)), '']
     if any(r.get('select_accuracy') is not None for r in rows):
         lines += ['## R3V at test time (%)', '', markdown_table(selection_table(m)), '',
-                  "Test@1 is the greedy answer (the accuracy above); select@k samples k answers and asks the model which is "
-                  "right; majority@k and oracle@k (any sample right) are reference lines, as R3V reports them.", '']
+                  "Test@1 is the greedy answer (the accuracy above); select@k samples k answers and asks the model "
+                  "which is right; majority@k and oracle@k (any sample right) are reference lines, as R3V reports "
+                  "them.", '']
     lines += ['## Figures', '']
     lines += [f"![{t}](plots/{f})" for t, f in figs] + ['']
     if cards:
@@ -230,16 +231,19 @@ def _column(rs:list, doms:list) -> list:
     first = [r['rounds'][0] for r in rs]
     per_domain = [_ms([l['domain_accuracy'].get(d) for l in last]) for d in doms]
     gain = _ms([l['accuracy'] - f['accuracy'] for l, f in zip(last, first)], sign=True)
-    select = _ms([l['select_accuracy'] for l in last]) if all(l.get('select_accuracy') is not None for l in last) else '–'
+    select = (_ms([l['select_accuracy'] for l in last]) if all(l.get('select_accuracy') is not None for l in last)
+              else '–')
     return per_domain + [_ms([l['accuracy'] for l in last]), select, _ms([f['accuracy'] for f in first]), gain,
                          str(last[0]['round']), str(len(rs))]
 
 def comparison_table(runs:dict) -> pd.DataFrame:
-    "Domains (rows; then overall, round 0 and the gain) × methods: the last round's accuracy (%), mean ± sd over seeds."
+    """Domains (rows; then overall, round 0 and the gain) × methods: the last round's accuracy (%), mean ± sd over
+    seeds."""
     doms = list(dict.fromkeys(d for rs in runs.values() for r in rs for d in r['rounds'][-1]['domain_accuracy']))
     idx = doms + ['overall', 'overall, select@3 (R3V)', 'round 0 (base)', 'gain over round 0', 'last round', 'seeds']
     table = pd.DataFrame({m: _column(rs, doms) for m, rs in runs.items()}, index=pd.Index(idx, name='domain'))
-    if table.loc['overall, select@3 (R3V)'].eq('–').all(): table = table.drop('overall, select@3 (R3V)')   # no R3V run
+    # no R3V run
+    if table.loc['overall, select@3 (R3V)'].eq('–').all(): table = table.drop('overall, select@3 (R3V)')
     return table
 
 # %% ../nbs/11_report.ipynb #75da53f9

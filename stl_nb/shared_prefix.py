@@ -8,7 +8,8 @@ import contextvars, functools
 from collections import Counter
 from contextlib import contextmanager, nullcontext
 from .templates import chat
-from .generate import GenConfig, reply_jobs, generate_batch, prompt_text, style_of, decoding, replies_of, seeded, on_device, pad_id
+from .generate import (GenConfig, reply_jobs, generate_batch, prompt_text, style_of, decoding, replies_of,
+                             seeded, on_device, pad_id)
 
 
 # %% auto #0
@@ -30,14 +31,16 @@ def split_prompts(ids:list, groups:list) -> tuple:
 
 # %% ../nbs/08a_shared_prefix.ipynb #f42e30c6
 def shares_prefix(vlm) -> bool:
-    "Whether `generate_shared` can branch `vlm`'s prompts from a shared prefix: LLaVA-style models (positions count tokens)."
+    """Whether `generate_shared` can branch `vlm`'s prompts from a shared prefix: LLaVA-style models (positions count
+    tokens)."""
     return vlm.kind == 'llava'
 
 def _left(rows:list, pad:int) -> tuple:
     "(ids, attention mask) of `rows` left-padded to one length."
     import torch
     L = max(map(len, rows))
-    return (torch.tensor([[pad]*(L - len(r)) + r for r in rows]), torch.tensor([[0]*(L - len(r)) + [1]*len(r) for r in rows]))
+    return (torch.tensor([[pad]*(L - len(r)) + r for r in rows]),
+            torch.tensor([[0]*(L - len(r)) + [1]*len(r) for r in rows]))
 
 def _base_model(vlm):
     "The transformers model inside `vlm` (under a peft adapter wrapper, if any)."
@@ -50,7 +53,8 @@ def _cache_arg(vlm) -> str:
 
 # %% ../nbs/08a_shared_prefix.ipynb #a3f0c6d1
 _ATTENTION = 'stl_prefix'                                           # the attention implementation's registered name
-_active = contextvars.ContextVar('stl_prefix_cache', default=None)  # the cache `prefix_attention` reads the prefixes from
+# the cache `prefix_attention` reads the prefixes from
+_active = contextvars.ContextVar('stl_prefix_cache', default=None)
 
 def _ranks(owner:list) -> list:
     "Each row's place among its group's rows: `[0, 0, 1, 1, 2]` for owner `[0, 1, 0, 1, 0]`."
@@ -67,10 +71,13 @@ def _prefix_layer():
         def __init__(self, keys, values, owner:list):
             super().__init__()
             import torch
-            self.prefix_keys_t, self.prefix_values = keys.transpose(2, 3).contiguous(), values   # keys ready for q @ kᵀ
-            self.n_groups, self.width = keys.shape[0], max(_ranks(owner)) + 1                     # width: the most rows a group has
+            # keys ready for q @ kᵀ
+            self.prefix_keys_t, self.prefix_values = keys.transpose(2, 3).contiguous(), values
+            # width: the most rows a group has
+            self.n_groups, self.width = keys.shape[0], max(_ranks(owner)) + 1
             self.owner, self.rank = (torch.tensor(x, device=keys.device) for x in (owner, _ranks(owner)))
-            self.regular = owner == [g for g in range(self.n_groups) for _ in range(self.width)]  # consecutive, equal groups
+            # consecutive, equal groups
+            self.regular = owner == [g for g in range(self.n_groups) for _ in range(self.width)]
             self.keys, self.values = (x.new_empty(len(owner), x.shape[1], 0, x.shape[3]) for x in (keys, values))
             self.device, self.is_initialized = keys.device, True
         def get_seq_length(self) -> int: return self.prefix_values.shape[-2] + self.keys.shape[-2]
@@ -79,7 +86,8 @@ def _prefix_layer():
     return PrefixLayer
 
 def prefix_cache(cache, owner:list):
-    "A cache of `PrefixLayer`s from the prefixes' `cache` (one row per group): row i continues group `owner[i]`'s prefix."
+    """A cache of `PrefixLayer`s from the prefixes' `cache` (one row per group): row i continues group `owner[i]`'s
+    prefix."""
     from transformers import DynamicCache
     c = DynamicCache()
     c.layers, c.layer_class_to_replicate = [_prefix_layer()(l.keys, l.values, owner) for l in cache.layers], None
@@ -88,7 +96,8 @@ def prefix_cache(cache, owner:list):
 
 # %% ../nbs/08a_shared_prefix.ipynb #c8e41b97
 def _by_group(x, layer):
-    "Rows `x` (rows × heads × n × m) placed in their groups: groups × heads × (width · n) × m, zeros where a group has fewer rows."
+    """Rows `x` (rows × heads × n × m) placed in their groups: groups × heads × (width · n) × m, zeros where a
+    group has fewer rows."""
     if layer.regular: return x.unflatten(0, (layer.n_groups, layer.width)).transpose(1, 2).flatten(2, 3)
     g = x.new_zeros(layer.n_groups, x.shape[1], layer.width, *x.shape[2:])
     g[layer.owner, :, layer.rank] = x
@@ -100,13 +109,16 @@ def _of_rows(g, layer):
     return g.transpose(1, 2).flatten(0, 1) if layer.regular else g[layer.owner, :, layer.rank]
 
 def prefix_attention(module, query, key, value, attention_mask, scaling:float, dropout:float=0., **kwargs):
-    "Attention of rows over their group's prefix (read once per group) and their own `key`s: eager attention's arithmetic."
+    """Attention of rows over their group's prefix (read once per group) and their own `key`s: eager attention's
+    arithmetic."""
     import torch
     layer = _active.get().layers[module.layer_idx]
     b, h, q, d = query.shape; n = h // key.shape[1]                # n query heads per key/value head
-    if attention_mask is None and q > 1: raise ValueError("prefix_attention needs the causal mask: register it with eager_mask")
+    if attention_mask is None and q > 1:
+        raise ValueError("prefix_attention needs the causal mask: register it with eager_mask")
     qs = query.reshape(b, h // n, n * q, d)
-    scores = torch.cat([_of_rows(_by_group(qs, layer) @ layer.prefix_keys_t, layer), qs @ key.transpose(2, 3)], -1).mul_(scaling)
+    scores = torch.cat([_of_rows(_by_group(qs, layer) @ layer.prefix_keys_t, layer),
+                        qs @ key.transpose(2, 3)], -1).mul_(scaling)
     if attention_mask is not None: scores += attention_mask if n == 1 else attention_mask.repeat(1, 1, n, 1)
     w = torch.softmax(scores, -1, dtype=torch.float32).to(query.dtype)
     p = layer.prefix_values.shape[-2]
@@ -118,10 +130,12 @@ def _decoder(vlm):
     return _base_model(vlm).get_decoder()
 
 def cascades(vlm) -> bool:
-    "Whether `generate_shared` keeps one prefix per group during decoding: a Llama text model, full attention in every layer."
+    """Whether `generate_shared` keeps one prefix per group during decoding: a Llama text model, full attention in every
+    layer."""
     if not shares_prefix(vlm): return False
     c = _decoder(vlm).config
-    return c.model_type == 'llama' and c._attn_implementation in ('sdpa', 'eager', _ATTENTION) and not getattr(c, 'sliding_window', None)
+    return (c.model_type == 'llama' and c._attn_implementation in ('sdpa', 'eager', _ATTENTION)
+            and not getattr(c, 'sliding_window', None))
 
 @contextmanager
 def prefix_mode(vlm, cache):
@@ -145,10 +159,12 @@ def _prefill(vlm, ids, mask, pixels:dict):
     return out.cache if getattr(out, 'cache', None) is not None else out.past_key_values
 
 def _rows(pre:list, suf:list, owner:list, pad:int) -> tuple:
-    "(prefix ids, prefix mask, rows): the left-padded prefixes, and each row as `[pad][prefix][pad][suffix]` with its mask."
+    """(prefix ids, prefix mask, rows): the left-padded prefixes, and each row as `[pad][prefix][pad][suffix]` with its
+    mask."""
     import torch
     (p_ids, p_mask), (s_ids, s_mask), idx = _left(pre, pad), _left(suf, pad), torch.tensor(owner)
-    return p_ids, p_mask, dict(input_ids=torch.cat([p_ids[idx], s_ids], 1), attention_mask=torch.cat([p_mask[idx], s_mask], 1))
+    return p_ids, p_mask, dict(input_ids=torch.cat([p_ids[idx], s_ids], 1),
+                               attention_mask=torch.cat([p_mask[idx], s_mask], 1))
 
 def _copied(cache, owner:list):
     "The prefixes' `cache` with each group's prefix copied to its rows."
@@ -156,7 +172,8 @@ def _copied(cache, owner:list):
     cache.batch_select_indices(torch.tensor(owner, device=cache.layers[0].keys.device)); return cache
 
 def generate_shared(vlm, images, messages_list, groups:list, cfg:GenConfig=GenConfig(), seed:int=0) -> list:
-    "Like `generate_batch`, but a group's rows (one image, prompts differing at the end) branch from one pass over their common prefix."
+    """Like `generate_batch`, but a group's rows (one image, prompts differing at the end) branch from one pass over
+    their common prefix."""
     import torch
     ids, per_token, rest = vlm._prompt_ids(images, messages_list)
     pre, suf, owner = split_prompts(ids, groups)
@@ -166,10 +183,12 @@ def generate_shared(vlm, images, messages_list, groups:list, cfg:GenConfig=GenCo
     firsts = [owner.index(g) for g in range(len(pre))]                 # each group's image, once
     with torch.inference_mode(), seeded(vlm, seed):
         cache = _prefill(vlm, p_ids, p_mask, {k: v[firsts] for k, v in rest.items()})
-        cascade = cascades(vlm)                                        # one prefix per group while decoding, or a copy per row
+        # one prefix per group while decoding, or a copy per row
+        cascade = cascades(vlm)
         cache = prefix_cache(cache, owner) if cascade else _copied(cache, owner)
         with prefix_mode(vlm, cache) if cascade else nullcontext():
-            out = vlm.model.generate(**{k: v.to(vlm.device) for k, v in rows.items()}, **{_cache_arg(vlm): cache}, **decoding(vlm, cfg))
+            out = vlm.model.generate(**{k: v.to(vlm.device) for k, v in rows.items()}, **{_cache_arg(vlm): cache},
+                                     **decoding(vlm, cfg))
     return replies_of(vlm, out[:, rows['input_ids'].shape[1]:])
 
 

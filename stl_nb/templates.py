@@ -18,7 +18,8 @@ __all__ = ['CAPTION', 'REASONING', 'CONCLUSION', 'EXPLANATION', 'PromptStyle', '
 @dataclass(frozen=True)
 class PromptStyle:
     "Every piece of wording the prompts use; pass your own to change any of it."
-    intro: str = "Look at the image and answer the question."            # first line of the positive, STaR and direct prompts
+    # first line of the positive, STaR and direct prompts
+    intro: str = "Look at the image and answer the question."
     sections_line: str = "Reply in {count} parts: {names}."               # announces the sections
     caption: str = "describe what the image shows that matters for the question."  # instruction for CAPTION
     reasoning: str = "think step by step from what you see to the answer."         # instruction for REASONING
@@ -30,16 +31,20 @@ class PromptStyle:
     context: str = "Context: {context}"                                   # the context line, left out when empty
     options: str = "Options:"                                             # line before the options ('' for none)
     option: str = "({letter}) {text}"                                     # one option line
-    negative_intro: str = "Look at the image and the question, and explain why one option is wrong."  # first line of the negative prompt
+    # first line of the negative prompt
+    negative_intro: str = "Look at the image and the question, and explain why one option is wrong."
     correct: str = "The correct answer is {option}."                      # negative generation form only
     wrong: str = "Explain why this option is wrong: {option}"             # names the distractor
     hint: str = "Hint: the correct answer is {option}."                   # STaR rationalization only
     direct: str = "Answer with the correct option only."                  # direct-answer instruction
-    answer: str = "({letter}) {text}"                                     # how a conclusion or direct answer names its option
+    # how a conclusion or direct answer names its option
+    answer: str = "({letter}) {text}"
     template: str = "{intro} {sections_line}\n{sections}\n\n{question}{extra}"  # positive, negative and STaR prompts
     direct_template: str = "{intro}\n\n{question}\n{direct}"              # direct-answer prompt
-    refine: str = "A model's prediction:\n{prediction}\nJudge the correctness of the model's prediction and refine it."  # R3V's self-refine
-    prediction: str = "Prediction {k}: {prediction}"                     # one candidate of R3V's self-select, on one line
+    # R3V's self-refine
+    refine: str = "A model's prediction:\n{prediction}\nJudge the correctness of the model's prediction and refine it."
+    # one candidate of R3V's self-select, on one line
+    prediction: str = "Prediction {k}: {prediction}"
     select: str = "Which prediction is correct? Answer with the correct option only."  # R3V's self-select instruction
     select_template: str = "{intro}\n\n{question}\n\n{predictions}\n\n{select}"  # R3V's self-select prompt
 
@@ -74,14 +79,18 @@ def _names(names) -> str:
 
 def _prompt(s:Sample, intro:str, names:list, extra:list, style:PromptStyle) -> str:
     "Fill `style.template` with the intro, the sections `names` asks for, the question and the `extra` lines."
-    sections = style.section_sep.join(style.section.format(name=n, instruction=getattr(style, n.lower())) for n in names)
-    return style.template.format(intro=intro, sections_line=style.sections_line.format(count=_COUNT.get(len(names), len(names)),
-                                 names=_names(names)), sections=sections, question=question_text(s, style),
+    sections = style.section_sep.join(style.section.format(name=n, instruction=getattr(style, n.lower()))
+                                      for n in names)
+    return style.template.format(intro=intro,
+                                 sections_line=style.sections_line.format(count=_COUNT.get(len(names), len(names)),
+                                                                          names=_names(names)),
+                                 sections=sections, question=question_text(s, style),
                                  extra=''.join('\n'+l for l in extra))
 
 def _line(fmt:str, s:Sample, i:int, style:PromptStyle) -> str:
     "A line naming option `i` of `s` ('The correct answer is (B) blue.')."
-    return fmt.format(option=_opt(i, s.choices[i], style), letter=letter(i), lower=letter(i).lower(), text=_one_line(s.choices[i]))
+    return fmt.format(option=_opt(i, s.choices[i], style), letter=letter(i), lower=letter(i).lower(),
+                      text=_one_line(s.choices[i]))
 
 # %% ../nbs/02_templates.ipynb #3626e36a
 def positive_prompt(s:Sample, caption:bool=True, style:PromptStyle=PromptStyle()) -> str:
@@ -90,10 +99,13 @@ def positive_prompt(s:Sample, caption:bool=True, style:PromptStyle=PromptStyle()
     return _prompt(s, style.intro, names, [], style)
 
 # %% ../nbs/02_templates.ipynb #ca5f9bec
-def negative_prompt(s:Sample, wrong:int, show_answer:bool=True, caption:bool=True, style:PromptStyle=PromptStyle()) -> str:
-    "Ask why option `wrong` is wrong; the correct answer is stated only when `show_answer` (generation), never in training."
+def negative_prompt(s:Sample, wrong:int, show_answer:bool=True, caption:bool=True,
+                    style:PromptStyle=PromptStyle()) -> str:
+    """Ask why option `wrong` is wrong; the correct answer is stated only when `show_answer` (generation), never in
+    training."""
     if not 0 <= wrong < len(s.choices) or wrong == s.answer:
-        raise ValueError(f"sample {s.id!r}: option {wrong} is not a wrong option (answer {s.answer}, {len(s.choices)} options)")
+        raise ValueError(f"sample {s.id!r}: option {wrong} is not a wrong option (answer {s.answer}, "
+                         f"{len(s.choices)} options)")
     extra = ([_line(style.correct, s, s.answer, style)] if show_answer else []) + [_line(style.wrong, s, wrong, style)]
     return _prompt(s, style.negative_intro, [CAPTION, EXPLANATION] if caption else [EXPLANATION], extra, style)
 
@@ -140,7 +152,8 @@ def _conclusion(answer:int, choices:list, style:PromptStyle=PromptStyle()) -> st
     "The chosen option as `style.answer` names it: '(B) blue' by default, 'blue' for a style that answers by text."
     if not isinstance(answer, int) or not 0 <= answer < len(choices):
         raise ValueError(f"answer {answer!r} is not an option index (0..{len(choices)-1})")
-    return style.answer.format(letter=letter(answer), lower=letter(answer).lower(), text=_one_line(choices[answer])).strip()
+    return style.answer.format(letter=letter(answer), lower=letter(answer).lower(),
+                               text=_one_line(choices[answer])).strip()
 
 def _section(name:str, text) -> str:
     "'NAME: text', refusing a missing or empty text."
@@ -148,7 +161,8 @@ def _section(name:str, text) -> str:
     return f"{name}: {str(text).strip()}"
 
 def render_rationale(r, choices:list, caption:bool=True, style:PromptStyle=PromptStyle()) -> str:
-    "The training target 'CAPTION: ...\\n\\nREASONING: ...\\n\\nCONCLUSION: (B) blue' of `r` (a `Rationale` or a tuple)."
+    """The training target 'CAPTION: ...\\n\\nREASONING: ...\\n\\nCONCLUSION: (B) blue' of `r` (a `Rationale` or a
+    tuple)."""
     c, why, ans = (r.caption, r.reasoning, r.answer) if isinstance(r, Rationale) else r
     conclusion = f"{CONCLUSION}: {_conclusion(ans, choices, style)}"
     parts = ([_section(CAPTION, c)] if caption else []) + [_section(REASONING, why), conclusion]
@@ -160,16 +174,18 @@ def direct_target(s:Sample, style:PromptStyle=PromptStyle()) -> str:
 
 # %% ../nbs/02_templates.ipynb #0b32185d
 def refine_prompt(s:Sample, prediction:str, caption:bool=True, style:PromptStyle=PromptStyle()) -> str:
-    "R3V's self-refine: the structured prompt, one earlier prediction and the request to judge and refine it (target: a correct rationale)."
+    """R3V's self-refine: the structured prompt, one earlier prediction and the request to judge and refine it (target:
+    a correct rationale)."""
     names = [CAPTION, REASONING, CONCLUSION] if caption else [REASONING, CONCLUSION]
     return _prompt(s, style.intro, names, [style.refine.format(prediction=str(prediction).strip())], style)
 
 def select_prompt(s:Sample, predictions:list, style:PromptStyle=PromptStyle()) -> str:
-    "R3V's self-select: the question, numbered predictions (one line each) and the request to name the correct one (target: the option)."
+    """R3V's self-select: the question, numbered predictions (one line each) and the request to name the correct one
+    (target: the option)."""
     if not predictions: raise ValueError(f"sample {s.id!r}: a select prompt needs at least one prediction")
     lines = [style.prediction.format(k=k + 1, prediction=_one_line(p)) for k, p in enumerate(predictions)]
-    return style.select_template.format(intro=style.intro, question=question_text(s, style), predictions='\n'.join(lines),
-                                        select=style.select)
+    return style.select_template.format(intro=style.intro, question=question_text(s, style),
+                                        predictions='\n'.join(lines), select=style.select)
 
 # %% ../nbs/02_templates.ipynb #62ed9949
 def _plain(t) -> str:
@@ -213,7 +229,8 @@ def _mask(u:str, opts:list) -> str:
     return u
 
 _PAREN = re.compile(r'\(([A-Za-z])\)')
-_PHRASE = re.compile(r'\b(?:answer|choice|option)s?(?: (?:is|would be|should be|must be))? ?[:=-]? ?\(?([A-Za-z])\)?(?![\w\'’])', re.I)
+_PHRASE = re.compile(r'\b(?:answer|choice|option)s?(?: (?:is|would be|should be|must be))? ?[:=-]? ?'
+                     r'\(?([A-Za-z])\)?(?![\w\'’])', re.I)
 _BARE = re.compile(r'(?<![\w\'’(])([A-Z])(?![\w\'’)])')
 
 def _a_word(u:str, m, words:str) -> bool:
@@ -253,17 +270,20 @@ def parse_answer(text, choices:list) -> int|None:
     for rule in (_canonical, _whole):
         if (i := rule(u, opts)) is not None: return i
     m = _mask(u, opts)
-    for i in (_last_letter(_PAREN, m, len(opts)), _last_letter(_PHRASE, m, len(opts), 'ai'), _mentioned(u, opts), _bare(m, len(opts))):
+    for i in (_last_letter(_PAREN, m, len(opts)), _last_letter(_PHRASE, m, len(opts), 'ai'), _mentioned(u, opts),
+              _bare(m, len(opts))):
         if i is not None: return i
     return None
 
 # %% ../nbs/02_templates.ipynb #2a013107
-# Each optional piece starts with its own mark, so no two `[ \t]*` compete for the same spaces (no catastrophic backtracking).
+# Each optional piece starts with its own mark, so no two `[ \t]*` compete for the same spaces
+# (no catastrophic backtracking).
 _HEAD = r'(?P<hash>#{1,6}[ \t]*)?(?:(?P<b>\*\*|__)[ \t]*)?(?P<name>%s)\b[ \t]*(?:(?P<b2>\*\*|__)[ \t]*)?(?P<colon>:)?'
 
 def _headings(text:str, names:list, anywhere:bool=False) -> list:
     "[(NAME, start, content_start)] of the section headings in `text`, at line starts (or `anywhere`)."
-    pat = re.compile((r'(?<![^\W\d_])' if anywhere else r'^[ \t]*(?:(?:[-*>]|\d{1,2}[.)])[ \t]+)?') + _HEAD % '|'.join(names), re.I | re.M)
+    pat = re.compile((r'(?<![^\W\d_])' if anywhere else r'^[ \t]*(?:(?:[-*>]|\d{1,2}[.)])[ \t]+)?')
+                     + _HEAD % '|'.join(names), re.I | re.M)
     out = []
     for m in pat.finditer(text):
         end = m.end()
@@ -277,7 +297,8 @@ def _sections(text:str, names:list, last:str, expected:set) -> tuple:
     "({NAME: text}, structured, repeated): each section's text, the block ending at the last non-empty `last` section."
     hs = _headings(text, names)
     seen = {h[0] for h in hs} & expected
-    if seen != expected:   # a reply on one line: search anywhere, kept when it finds more of the expected sections (two at least)
+    # a reply on one line: search anywhere, kept when it finds more of the expected sections (two at least)
+    if seen != expected:
         hs2 = _headings(text, names, anywhere=True)
         seen2 = {h[0] for h in hs2} & expected
         if len(seen2) > max(len(seen), 1): hs = hs2
@@ -321,5 +342,6 @@ def render_negative(caption, explanation, caption_section:bool=True) -> str:
 def parse_negative(text, caption:bool=True) -> Negative:
     "Read a model's negative reply into a `Negative`; never raises."
     text = '' if text is None else str(text)
-    found, _, _ = _sections(text, [CAPTION, EXPLANATION], EXPLANATION, {CAPTION, EXPLANATION} if caption else {EXPLANATION})
+    found, _, _ = _sections(text, [CAPTION, EXPLANATION], EXPLANATION,
+                            {CAPTION, EXPLANATION} if caption else {EXPLANATION})
     return Negative(found.get(CAPTION), found.get(EXPLANATION), raw=text, caption_section=caption)

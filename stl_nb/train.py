@@ -31,7 +31,8 @@ class TrainConfig:
     epochs: float = 1.0              # passes over the round's examples (paper: 1)
     lr: float = 2e-4                 # peak learning rate (paper: 2e-4)
     batch_size: int = 1              # examples per device per step
-    grad_accum: int = 16             # steps accumulated per update: effective batch = batch_size*grad_accum*devices (paper: 16)
+    # steps accumulated per update: effective batch = batch_size*grad_accum*devices (paper: 16)
+    grad_accum: int = 16
     warmup: float = 0.03             # fraction of updates spent warming up (paper: 0.03)
     schedule: str = 'cosine'         # learning-rate schedule after warmup (paper: cosine)
     weight_decay: float = 0.0        # (paper: 0)
@@ -41,13 +42,16 @@ class TrainConfig:
     target_modules: tuple = ()       # LoRA targets; empty = every linear layer of the language model
     grad_checkpointing: bool = True  # recompute activations in the backward pass to save memory
     group_by_length: bool = True     # batch examples of similar length together (less padding)
-    max_length: int | None = None    # longest sequence; longer targets are shortened, prompts and image tokens never cut
-    init: str = 'base'               # 'base': every round starts from the base model (paper, STaR); 'last': continue the last adapter
+    # longest sequence; longer targets are shortened, prompts and image tokens never cut
+    max_length: int | None = None
+    # 'base': every round starts from the base model (paper, STaR); 'last': continue the last adapter
+    init: str = 'base'
     seed: int = 0
     logging_steps: int = 5           # updates between loss records
 
     def __post_init__(self):
-        if self.init not in ('base', 'last'): raise ValueError(f"TrainConfig.init must be 'base' or 'last', not {self.init!r}")
+        if self.init not in ('base', 'last'):
+            raise ValueError(f"TrainConfig.init must be 'base' or 'last', not {self.init!r}")
         for k in ('epochs', 'lr', 'batch_size', 'grad_accum', 'lora_r'):
             if not getattr(self, k) > 0: raise ValueError(f"TrainConfig.{k} must be positive, not {getattr(self, k)!r}")
 
@@ -78,7 +82,8 @@ def direct_example(s:Sample) -> Example:
 
 # %% ../nbs/05_train.ipynb #8b38268b
 def example_lengths(vlm:VLM, examples, max_length=None) -> tuple:
-    "(lengths, dropped): tokens per example (image tokens included) and the indices whose prompt alone exceeds `max_length`."
+    """(lengths, dropped): tokens per example (image tokens included) and the indices whose prompt alone exceeds
+    `max_length`."""
     lengths, dropped = [], []
     for i, e in enumerate(examples):
         b = vlm.encode([e.image], [e.messages], [e.target], padding_side='right')
@@ -88,7 +93,8 @@ def example_lengths(vlm:VLM, examples, max_length=None) -> tuple:
     return lengths, dropped
 
 class _Collate:
-    "Encode a list of examples (or of rows naming them by `index`) into one labelled batch (right padding, as training prefers)."
+    """Encode a list of examples (or of rows naming them by `index`) into one labelled batch (right padding, as training
+    prefers)."""
     def __init__(self, vlm, max_length=None, examples=None, lengths=None):
         self.vlm, self.max_length, self.examples, self.lengths = vlm, max_length, examples, lengths
         self.real, self.padded = 0, 0   # positions with a token, and positions in all, over the batches built so far
@@ -99,8 +105,8 @@ class _Collate:
             examples = [self.examples[r['index']] for r in examples]
         with warnings.catch_warnings():
             warnings.simplefilter('ignore')  # shortened targets were counted up front
-            return self.vlm.encode([e.image for e in examples], [e.messages for e in examples], [e.target for e in examples],
-                                   padding_side='right', max_length=self.max_length)
+            return self.vlm.encode([e.image for e in examples], [e.messages for e in examples],
+                                   [e.target for e in examples], padding_side='right', max_length=self.max_length)
 
 # %% ../nbs/05_train.ipynb #20e535f3
 def lora_targets(model) -> str:
@@ -185,7 +191,8 @@ def _save_atomic(model, adapter_dir):
 
 # %% ../nbs/05_train.ipynb #6bd687d5
 def train_qlora(vlm:VLM, examples, cfg:TrainConfig=TrainConfig(), out_dir=None, progress=True) -> TrainResult:
-    "Fine-tune `vlm` with LoRA (QLoRA when it was loaded in 4-bit) on `examples`; save the adapter in `out_dir/adapter`."
+    """Fine-tune `vlm` with LoRA (QLoRA when it was loaded in 4-bit) on `examples`; save the adapter in
+    `out_dir/adapter`."""
     from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
     from transformers.utils import logging as hf_logging
     start = time.time()
@@ -193,12 +200,14 @@ def train_qlora(vlm:VLM, examples, cfg:TrainConfig=TrainConfig(), out_dir=None, 
     examples = [e if isinstance(e, Example) else Example(*e) for e in examples]
     lengths, dropped = example_lengths(vlm, examples, cfg.max_length)
     keep = [i for i in range(len(examples)) if i not in set(dropped)]
-    if dropped: warnings.warn(f"{len(dropped)} example(s) dropped: their prompt alone exceeds max_length={cfg.max_length}")
+    if dropped:
+        warnings.warn(f"{len(dropped)} example(s) dropped: their prompt alone exceeds max_length={cfg.max_length}")
     if not keep: return TrainResult(None, 0, len(dropped), [], time.time() - start)
     examples, lengths = [examples[i] for i in keep], [lengths[i] for i in keep]
     model = vlm.model
     if isinstance(model, PeftModel) and cfg.init == 'base':
-        raise ValueError("init='base' needs a VLM without an adapter: load a fresh base with load_vlm, or use init='last'")
+        raise ValueError("init='base' needs a VLM without an adapter: load a fresh base with load_vlm, "
+                         "or use init='last'")
     if not isinstance(model, PeftModel):
         if getattr(model, 'is_loaded_in_4bit', False):
             with warnings.catch_warnings():
@@ -227,7 +236,8 @@ def train_qlora(vlm:VLM, examples, cfg:TrainConfig=TrainConfig(), out_dir=None, 
     t_train = time.time() - t_train
     vlm.model = model
     losses = [(h['step'], h['loss']) for h in trainer.state.log_history if 'loss' in h]
-    main = trainer.is_world_process_zero()   # data-parallel (accelerate launch, torchrun): rank 0 writes, the others wait
+    # data-parallel (accelerate launch, torchrun): rank 0 writes, the others wait
+    main = trainer.is_world_process_zero()
     res = TrainResult(str(out_dir/'adapter'), len(examples), len(dropped), losses, time.time() - start,
                       1 - collate.real/max(1, collate.padded), sum(lengths)*cfg.epochs/t_train)
     if main:

@@ -15,14 +15,16 @@ __all__ = ['VLLM_RANKS', 'vllm_requests', 'vllm_replies', 'vllm_engine', 'lora_r
 
 # %% ../nbs/06a_vllm.ipynb #319dc04e
 def vllm_requests(vlm, jobs:list, cfg:GenConfig) -> tuple:
-    "(requests, sampling kwargs, replies per request): one request per question and prompt, its `n` replies from `SamplingParams(n=...)`."
+    """(requests, sampling kwargs, replies per request): one request per question and prompt, its `n` replies from
+    `SamplingParams(n=...)`."""
     style, reqs, counts = style_of(vlm), [], []
     for _, grp in groupby(jobs, key=lambda j: (j.sample.id, j.kind, j.distractor)):
         grp = list(grp); j = grp[0]
         reqs.append(dict(prompt=vlm.render(chat(prompt_text(j.sample, j.kind, j.distractor, style))),
                          multi_modal_data={'image': j.sample.image}))
         counts.append(len(grp))
-    sp = dict(max_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p, stop_token_ids=list(vlm.eos_token_ids))
+    sp = dict(max_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
+              stop_token_ids=list(vlm.eos_token_ids))
     return reqs, sp, counts
 
 def vllm_replies(outputs, counts:list) -> list:
@@ -34,36 +36,43 @@ def vllm_replies(outputs, counts:list) -> list:
     return out
 
 # %% ../nbs/06a_vllm.ipynb #db2ddd1a
-VLLM_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)   # the ranks vLLM's LoRA accepts as max_lora_rank (vllm.config.LoRAConfig)
+# the ranks vLLM's LoRA accepts as max_lora_rank (vllm.config.LoRAConfig)
+VLLM_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 
 def vllm_engine(model:str, lora_r:int=128, seed:int=0, gpu_memory_utilization:float=0.45, max_model_len:int=4096, **kw):
-    "A vLLM `LLM` for `model` (a hub id or folder; 'embedded' for the shipped one) that serves LoRA adapters up to rank `lora_r`."
+    """A vLLM `LLM` for `model` (a hub id or folder; 'embedded' for the shipped one) that serves LoRA adapters up to
+    rank `lora_r`."""
     try: from vllm import LLM
     except ImportError:
-        raise ImportError("backend 'vllm' needs vLLM, which is not installed: `pip install vllm` on a machine with a GPU, "
-                          "or use backend 'hf'") from None
+        raise ImportError("backend 'vllm' needs vLLM, which is not installed: "
+                          "`pip install vllm` on a machine with a GPU, or use backend 'hf'") from None
     rank = next((r for r in VLLM_RANKS if r >= lora_r), None)
     if rank is None: raise ValueError(f"LoRA rank {lora_r} is more than vLLM serves ({VLLM_RANKS[-1]})")
     world = process_info()[1]
-    if world > 1: kw = dict(distributed_executor_backend='external_launcher', data_parallel_size=world) | kw   # one engine per process
+    # one engine per process
+    if world > 1: kw = dict(distributed_executor_backend='external_launcher', data_parallel_size=world) | kw
     return LLM(model=_resolve(model), enable_lora=True, max_lora_rank=rank, max_loras=1, seed=seed,
-               limit_mm_per_prompt={'image': 1}, gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len, **kw)
+               limit_mm_per_prompt={'image': 1}, gpu_memory_utilization=gpu_memory_utilization,
+               max_model_len=max_model_len, **kw)
 
 def lora_request_args(adapter, lora_id:int) -> dict|None:
-    "The arguments of vLLM's `LoRARequest` for the adapter folder `adapter` (None: the base), under the integer id `lora_id` >= 1."
+    """The arguments of vLLM's `LoRARequest` for the adapter folder `adapter` (None: the base), under the integer id
+    `lora_id` >= 1."""
     if adapter is None: return None
     if lora_id < 1: raise ValueError(f"vLLM's LoRA ids start at 1, not {lora_id}")
     return dict(lora_name=f'adapter_{lora_id}', lora_int_id=int(lora_id), lora_path=str(adapter))
 
 def vllm_backend(llm, adapter=None, lora_id:int=1):
-    "An `engine` for `run_jobs` that generates with the vLLM engine `llm`, with the LoRA `adapter` (a folder) when given."
+    """An `engine` for `run_jobs` that generates with the vLLM engine `llm`, with the LoRA `adapter` (a folder) when
+    given."""
     def replies(vlm, jobs, cfg, seed=0):
         from vllm import SamplingParams
         from vllm.lora.request import LoRARequest
         reqs, sp, counts = vllm_requests(vlm, jobs, cfg)
         lr = lora_request_args(adapter, lora_id)
         lr = lr and LoRARequest(**lr)
-        if len(set(counts)) == 1: outs = llm.generate(reqs, SamplingParams(n=counts[0], seed=seed, **sp), lora_request=lr, use_tqdm=False)
+        if len(set(counts)) == 1:
+            outs = llm.generate(reqs, SamplingParams(n=counts[0], seed=seed, **sp), lora_request=lr, use_tqdm=False)
         else: outs = [llm.generate([r], SamplingParams(n=n, seed=seed + i, **sp), lora_request=lr, use_tqdm=False)[0]
                       for i, (r, n) in enumerate(zip(reqs, counts))]
         return vllm_replies(outs, counts)

@@ -30,7 +30,8 @@ SPLITS = ('train', 'val', 'test')
 BACKGROUND = (20, 20, 20)
 COLOUR_RGB = {'red': (235, 50, 50), 'green': (50, 200, 70), 'blue': (70, 120, 255), 'yellow': (245, 220, 40)}
 
-def _box_poly(pts): return lambda d, b, c: d.polygon([(b[0] + x*(b[2]-b[0]), b[1] + y*(b[3]-b[1])) for x, y in pts], fill=c)
+def _box_poly(pts):
+    return lambda d, b, c: d.polygon([(b[0] + x*(b[2]-b[0]), b[1] + y*(b[3]-b[1])) for x, y in pts], fill=c)
 DRAW = {'circle':   lambda d, b, c: d.ellipse(b, fill=c),
         'square':   lambda d, b, c: d.rectangle(b, fill=c),
         'triangle': _box_poly([(.5, 0), (1, 1), (0, 1)]),
@@ -48,8 +49,10 @@ class WorldConfig:
     colours: tuple = ('red', 'green', 'blue', 'yellow')  # names PIL knows; these four are tuned for contrast
     sizes: tuple = ('small', 'large')                   # smallest first: 'bigger' means later in this tuple
     families: tuple = FAMILIES    # question families, asked in turn (sample i gets families[i % len])
-    n_choices: int = 4            # most options a question shows (2..8); a family with fewer natural options shows fewer
-    distractor_sim: float = 0.5   # 0: wrong options drawn at random; 1: always the nearest (adjacent counts, shared attributes)
+    # most options a question shows (2..8); a family with fewer natural options shows fewer
+    n_choices: int = 4
+    # 0: wrong options drawn at random; 1: always the nearest (adjacent counts, shared attributes)
+    distractor_sim: float = 0.5
     jitter: float = 0.5           # how far a shape wanders inside its slot: 0 centred, 1 up to the slot's edge
     noise: float = 0.0            # std of Gaussian pixel noise, as a fraction of 255 (0: clean)
     holdout: float = 0.2          # fraction of scene layouts kept out of 'train' (half for 'val', half for 'test')
@@ -59,9 +62,11 @@ class WorldConfig:
             if not ok: raise ValueError(f"WorldConfig: {msg}")
         need(self.n_slots in SLOT_NAMES, f"n_slots={self.n_slots} must be one of {sorted(SLOT_NAMES)}")
         need(0 <= self.min_objects <= self.max_objects <= self.n_slots and self.max_objects >= 1,
-             f"need 0 <= min_objects <= max_objects <= n_slots and max_objects >= 1, got {self.min_objects}, {self.max_objects}, {self.n_slots}")
+             f"need 0 <= min_objects <= max_objects <= n_slots and max_objects >= 1, got {self.min_objects}, "
+             f"{self.max_objects}, {self.n_slots}")
         need(set(self.shapes) <= set(DRAW), f"shapes must come from {sorted(DRAW)}, got {self.shapes}")
-        need(len(self.shapes) >= 2 and len(self.colours) >= 2 and len(self.sizes) >= 1, "need 2+ shapes, 2+ colours, 1+ size")
+        need(len(self.shapes) >= 2 and len(self.colours) >= 2 and len(self.sizes) >= 1,
+             "need 2+ shapes, 2+ colours, 1+ size")
         vals = [*self.shapes, *self.colours, *self.sizes]
         need(len(set(vals)) == len(vals) and all(re.fullmatch('[a-z]+', v) for v in vals),
              f"attribute values must be distinct lower-case words, got {vals}")
@@ -100,7 +105,8 @@ class Scene:
     def slot_names(self) -> tuple: return SLOT_NAMES[self.n_slots]
     def at(self, slot:int) -> Obj|None: return next((o for o in self.objs if o.slot == slot), None)
     def layout(self) -> tuple: return (self.n_slots, *((o.slot, o.size, o.colour, o.shape) for o in self.objs))
-    def to_dict(self) -> dict: return {'n_slots': self.n_slots, 'seed': self.seed, 'objs': [asdict(o) for o in self.objs]}
+    def to_dict(self) -> dict:
+        return {'n_slots': self.n_slots, 'seed': self.seed, 'objs': [asdict(o) for o in self.objs]}
 
     @classmethod
     def from_dict(cls, d:dict) -> Scene:
@@ -131,7 +137,8 @@ def render_scene(scene:Scene, cfg:WorldConfig=WorldConfig()) -> Image.Image:
         s = cell * size_frac(o.size, cfg)
         cx = (o.slot + .5) * w + o.fx * cfg.jitter * (w - s) / 2
         cy = S / 2 + o.fy * cfg.jitter * (S - s) / 2
-        DRAW[o.shape](d, [cx - s/2, cy - s/2, cx + s/2 - 1, cy + s/2 - 1], COLOUR_RGB.get(o.colour) or ImageColor.getrgb(o.colour))
+        DRAW[o.shape](d, [cx - s/2, cy - s/2, cx + s/2 - 1, cy + s/2 - 1],
+                      COLOUR_RGB.get(o.colour) or ImageColor.getrgb(o.colour))
     if cfg.noise > 0:
         a = np.asarray(img, dtype=np.float32) + np.random.default_rng(scene.seed).normal(0, 255 * cfg.noise, (S, S, 3))
         img = Image.fromarray(a.clip(0, 255).astype(np.uint8))
@@ -139,7 +146,8 @@ def render_scene(scene:Scene, cfg:WorldConfig=WorldConfig()) -> Image.Image:
 
 # %% ../nbs/01_world.ipynb #35e6b09d
 def words(text:str) -> list:
-    "The world's tokenisation rule: lower case; runs of letters/digits are words, each other non-space character is one."
+    """The world's tokenisation rule: lower case; runs of letters/digits are words, each other non-space character is
+    one."""
     return re.findall(r"[a-z0-9]+|[^\sa-z0-9]", str(text or '').lower())
 
 # %% ../nbs/01_world.ipynb #0e355504
@@ -194,9 +202,9 @@ PHRASES = dict(
     more_shape='are there more {shapes1} than {shapes2}?', bigger='which is bigger, the {ref1} or the {ref2}?',
     how_many_more='how many more {colour1} shapes than {colour2} shapes are there?',
     # reasoning steps
-    look='look at the {slot}.', find='find the {ref}.', absent='there is no {ref}.', step='just {side} of {slot} is {slot2}.',
-    count='count the {what}.', count2='count the {what1} and the {what2}.', not_what='shapes that are not {colour}',
-    tally='{label}: {tally}.', plus='one more makes {n}.',
+    look='look at the {slot}.', find='find the {ref}.', absent='there is no {ref}.',
+    step='just {side} of {slot} is {slot2}.', count='count the {what}.', count2='count the {what1} and the {what2}.',
+    not_what='shapes that are not {colour}', tally='{label}: {tally}.', plus='one more makes {n}.',
     more='{a} is more than {b}.', less='{a} is less than {b}.', equal='{a} equals {b}.',
     larger='{a} is bigger than {b}.', smaller='{a} is smaller than {b}.', minus='{a} minus {b} is {c}.',
     end='so the answer is {value}, which is option ({letter}).')
@@ -219,7 +227,8 @@ def vocabulary(cfg:WorldConfig=WorldConfig()) -> list:
 
 # %% ../nbs/01_world.ipynb #841a047a
 def pick_choices(rng:random.Random, answer:str, pool:list, cfg:WorldConfig=WorldConfig(), near=None) -> tuple:
-    "(choices, answer index): `answer` and distractors from `pool`, nearest (by `near(value)`) with prob `distractor_sim`."
+    """(choices, answer index): `answer` and distractors from `pool`, nearest (by `near(value)`) with prob
+    `distractor_sim`."""
     rest = [v for v in dict.fromkeys(pool) if v != answer]
     rng.shuffle(rest)
     if near: rest.sort(key=near)   # stable: ties stay shuffled
@@ -267,7 +276,8 @@ def _attr_at(attr, pool_of):
     def template(rng, sc, cfg):
         i = _pick_slot(rng, sc); o, name = sc.at(i), sc.slot_names[i]
         return Question(PHRASES[f'{attr}_at'].format(slot=name), getattr(o, attr) if o else 'nothing',
-                        [*pool_of(cfg), 'nothing'], [PHRASES['look'].format(slot=name), _say(sc, i)], _needs(sc, [i], (attr,)))
+                        [*pool_of(cfg), 'nothing'], [PHRASES['look'].format(slot=name), _say(sc, i)],
+                        _needs(sc, [i], (attr,)))
     return template
 
 def _attr_of(attr, pool_of):
@@ -286,7 +296,8 @@ _colour_of, _size_of = _attr_of('colour', lambda c: c.colours), _attr_of('size',
 # %% ../nbs/01_world.ipynb #a8e9b7a7
 def _where(rng, sc, cfg):
     names = list(sc.slot_names); pool = [*names, 'nowhere']
-    absent = [f'{c} {s}' for c in cfg.colours for s in cfg.shapes if not any((o.colour, o.shape) == (c, s) for o in sc.objs)]
+    absent = [f'{c} {s}' for c in cfg.colours
+              for s in cfg.shapes if not any((o.colour, o.shape) == (c, s) for o in sc.objs)]
     if absent and (not sc.objs or rng.random() < .25):   # a shape that is not there
         ref = rng.choice(absent)
         return Question(PHRASES['where'].format(ref=ref), 'nowhere', pool,
@@ -295,12 +306,14 @@ def _where(rng, sc, cfg):
     o = rng.choice(sc.objs); ref_attrs = _ref(rng, sc, o)
     if ref_attrs is None: return None
     ref = o.words(ref_attrs)
-    return Question(PHRASES['where'].format(ref=ref), names[o.slot], pool, [PHRASES['find'].format(ref=ref), _say(sc, o.slot)],
-                    _obj_needs(sc, o, ref_attrs), near=lambda v: abs(names.index(v) - o.slot) if v in names else len(names))
+    return Question(PHRASES['where'].format(ref=ref), names[o.slot], pool,
+                    [PHRASES['find'].format(ref=ref), _say(sc, o.slot)], _obj_needs(sc, o, ref_attrs),
+                    near=lambda v: abs(names.index(v) - o.slot) if v in names else len(names))
 
 def _neighbour(rng, sc, question, attrs, value_of, pool):
     "Find a shape, step one slot left or right, read what is there; an occupied neighbour more often than not."
-    cands = [(o, side, o.slot + d) for o in sc.objs for side, d in (('left', -1), ('right', 1)) if 0 <= o.slot + d < sc.n_slots]
+    cands = [(o, side, o.slot + d) for o in sc.objs
+             for side, d in (('left', -1), ('right', 1)) if 0 <= o.slot + d < sc.n_slots]
     full = [c for c in cands if sc.at(c[2])]
     if not cands or (not full and rng.random() < .6): return None   # else 'nothing' answers half the questions
     o, side, j = rng.choice(full if full and rng.random() < .75 else cands)
@@ -323,11 +336,13 @@ def _colour_next(rng, sc, cfg):
 
 # %% ../nbs/01_world.ipynb #bb0c130d
 def _tally(sc, pred):
-    return ', '.join(f'{sc.slot_names[o.slot]} {NUMBERS[k + 1]}' for k, o in enumerate(o for o in sc.objs if pred(o))) or 'none'
+    return ', '.join(f'{sc.slot_names[o.slot]} {NUMBERS[k + 1]}'
+                     for k, o in enumerate(o for o in sc.objs if pred(o))) or 'none'
 
 def _count(sc, cfg, question, what, pred, attr, plus=False):
     n = sum(map(pred, sc.objs)) + plus
-    steps = [PHRASES['count'].format(what=what), *_caption_steps(sc), PHRASES['tally'].format(label='count', tally=_tally(sc, pred))]
+    steps = [PHRASES['count'].format(what=what), *_caption_steps(sc),
+             PHRASES['tally'].format(label='count', tally=_tally(sc, pred))]
     if plus: steps.append(PHRASES['plus'].format(n=NUMBERS[n]))
     return Question(question, NUMBERS[n], list(NUMBERS[:_max_number(cfg) + 1]), steps,
                     _needs(sc, range(sc.n_slots), (attr,)), near=lambda v: abs(NUMBERS.index(v) - n))
@@ -369,7 +384,8 @@ def _more(rng, sc, attr, values, label, larger_first=False):
     n = lambda v: sum(getattr(o, attr) == v for o in sc.objs)
     if larger_first and n(v1) < n(v2): v1, v2 = v2, v1
     steps = [PHRASES['count2'].format(what1=label(v1), what2=label(v2)), *_caption_steps(sc),
-             *(PHRASES['tally'].format(label=label(v).split()[0], tally=_tally(sc, lambda o: getattr(o, attr) == v)) for v in (v1, v2))]
+             *(PHRASES['tally'].format(label=label(v).split()[0], tally=_tally(sc, lambda o: getattr(o, attr) == v))
+               for v in (v1, v2))]
     return v1, v2, n(v1), n(v2), steps, _needs(sc, range(sc.n_slots), (attr,))
 
 def _more_colour(rng, sc, cfg):
@@ -387,14 +403,16 @@ def _more_shape(rng, sc, cfg):
 def _how_many_more(rng, sc, cfg):
     c1, c2, n1, n2, steps, needs = _more(rng, sc, 'colour', cfg.colours, lambda c: f'{c} shapes', larger_first=True)
     d = n1 - n2
-    return Question(PHRASES['how_many_more'].format(colour1=c1, colour2=c2), NUMBERS[d], list(NUMBERS[:_max_number(cfg) + 1]),
+    return Question(PHRASES['how_many_more'].format(colour1=c1, colour2=c2), NUMBERS[d],
+                    list(NUMBERS[:_max_number(cfg) + 1]),
                     [*steps, PHRASES['minus'].format(a=NUMBERS[n1], b=NUMBERS[n2], c=NUMBERS[d])], needs,
                     near=lambda v: abs(NUMBERS.index(v) - d))
 
 def _bigger(rng, sc, cfg):
     if len(sc.objs) < 2: return None
     pairs = [(a, b) for a in sc.objs for b in sc.objs if a is not b]
-    unequal = [p for p in pairs if p[0].size != p[1].size]   # two sizes only: favour pairs that differ, or 'same' wins half
+    # two sizes only: favour pairs that differ, or 'same' wins half
+    unequal = [p for p in pairs if p[0].size != p[1].size]
     if not unequal and rng.random() < .6: return None
     o1, o2 = rng.choice(unequal if unequal and rng.random() < .67 else pairs)
     a1, a2 = _ref(rng, sc, o1, avoid=('size',)), _ref(rng, sc, o2, avoid=('size',))
@@ -402,8 +420,8 @@ def _bigger(rng, sc, cfg):
     r1, r2 = o1.words(a1), o2.words(a2)
     cmp, sign = _compare(o1.size, o2.size, cfg.sizes.index(o1.size), cfg.sizes.index(o2.size), 'larger', 'smaller')
     steps = [PHRASES['find'].format(ref=r1), _say(sc, o1.slot), PHRASES['find'].format(ref=r2), _say(sc, o2.slot), cmp]
-    return Question(PHRASES['bigger'].format(ref1=r1, ref2=r2), {1: r1, -1: r2, 0: 'same'}[sign], [r1, r2, 'same'], steps,
-                    _obj_needs(sc, o1, (*a1, 'size')) | _obj_needs(sc, o2, (*a2, 'size')))
+    return Question(PHRASES['bigger'].format(ref1=r1, ref2=r2), {1: r1, -1: r2, 0: 'same'}[sign], [r1, r2, 'same'],
+                    steps, _obj_needs(sc, o1, (*a1, 'size')) | _obj_needs(sc, o2, (*a2, 'size')))
 
 # %% ../nbs/01_world.ipynb #6c8e043a
 TEMPLATES = {
@@ -411,11 +429,13 @@ TEMPLATES = {
     'spatial': {'where': _where, 'next_to': _next_to, 'colour_next': _colour_next},
     'counting': {'count_all': _count_all, 'count_colour': _count_colour, 'count_size': _count_size,
                  'count_not': _count_not, 'count_plus': _count_plus},
-    'comparison': {'more_colour': _more_colour, 'more_shape': _more_shape, 'how_many_more': _how_many_more, 'bigger': _bigger}}
+    'comparison': {'more_colour': _more_colour, 'more_shape': _more_shape, 'how_many_more': _how_many_more,
+                   'bigger': _bigger}}
 FAMILY_OF = {t: f for f, ts in TEMPLATES.items() for t in ts}
 
 # %% ../nbs/01_world.ipynb #d2d7c8a6
-def make_sample(scene:Scene, topic:str, rng:random.Random, cfg:WorldConfig=WorldConfig(), id:str='world') -> Sample|None:
+def make_sample(scene:Scene, topic:str, rng:random.Random, cfg:WorldConfig=WorldConfig(),
+                id:str='world') -> Sample|None:
     "One question of template `topic` about `scene`, or None when the scene cannot support it."
     family = FAMILY_OF[topic]
     q = TEMPLATES[family][topic](rng, scene, cfg)
